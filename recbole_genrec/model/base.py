@@ -1,0 +1,119 @@
+"""Machinery shared by the generative recommenders: item text embeddings, CF stage, history."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from logging import getLogger
+
+import numpy as np
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+
+from recbole_genrec.data import TextEncoder, item_text_embeddings, load_item_texts
+
+
+class GenerativeRecommender(SequentialRecommender):
+    """A sequential RecBole model with named pre-training stages (see ``StagedTrainer``)."""
+
+    stages: tuple = ()
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.config = config
+
+    # ----- item text -------------------------------------------------------------------
+    @staticmethod
+    def item_text_embeddings(config, dataset) -> torch.Tensor:
+        """``float32 [n_items, d]`` text embeddings (row 0, the padding item, is zero), cached
+        under ``<checkpoint_dir>/text_emb``."""
+        texts = load_item_texts(config, dataset)
+        encoder = TextEncoder(
+            config["text_encoder_path"],
+            max_length=config["text_encoder_max_length"],
+            batch_size=config["text_encoder_batch_size"],
+        )
+        cache_dir = os.path.join(config["checkpoint_dir"], "text_emb")
+        emb = item_text_embeddings(texts, cache_dir, encoder, show_progress=config["show_progress"])
+        return torch.from_numpy(np.ascontiguousarray(emb))
+
+    @staticmethod
+    def tensor_digest(tensor: torch.Tensor) -> str:
+        return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    # ----- history ---------------------------------------------------------------------
+    def last_items(self, item_seq, item_len, history: int):
+        """The last ``history`` items of each sequence, oldest first: ``items [B, H]``, ``valid``."""
+        offsets = torch.arange(history, device=item_seq.device)
+        pos = item_len.unsqueeze(1) - history + offsets
+        valid = pos >= 0
+        items = item_seq.gather(1, pos.clamp(min=0)) * valid
+        return items, valid
+
+    # ----- stages (defaults: no stage) -------------------------------------------------
+    def train_stage(self, stage, train_data, valid_data, stage_config, show_progress=False) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} has no stage '{stage}'")
+
+    def stage_state_dict(self, stage) -> dict:
+        raise NotImplementedError
+
+    def load_stage_state_dict(self, stage, state) -> None:
+        raise NotImplementedError
+
+    def stage_signature(self, stage) -> dict:
+        return {}
+
+
+def train_cf_model(config, train_data, valid_data, model_name="SASRec", overrides=None,
+                   epochs=10, learning_rate=1e-3, show_progress=False):
+    """Train one of RecBole's own models as a stage on the same split; return it (eval mode).
+
+    Its config is the calling model's config with the CF model's defaults from RecBole's model YAML
+    and ``overrides`` on top; RecBole's ``Trainer`` runs it with its validation and early stopping.
+    """
+    import yaml
+    from recbole.trainer import Trainer
+    from recbole.utils import get_model
+
+    import recbole
+
+    cf_config = copy.deepcopy(config)
+    yaml_path = os.path.join(os.path.dirname(recbole.__file__), "properties", "model", f"{model_name}.yaml")
+    if os.path.isfile(yaml_path):
+        with open(yaml_path) as f:
+            for key, value in (yaml.safe_load(f) or {}).items():
+                cf_config[key] = value
+    for key, value in (overrides or {}).items():
+        cf_config[key] = value
+    cf_config["model"] = model_name
+    cf_config["epochs"] = epochs
+    cf_config["learning_rate"] = learning_rate
+    cf_model = get_model(model_name)(cf_config, train_data._dataset).to(config["device"])
+    trainer = Trainer(cf_config, cf_model)
+    trainer.saved_model_file = os.path.join(
+        config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-cf-{model_name}.tmp.pth"
+    )
+    _, best = trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=False)
+    checkpoint = torch.load(trainer.saved_model_file, map_location=config["device"], weights_only=False)
+    cf_model.load_state_dict(checkpoint["state_dict"])
+    os.remove(trainer.saved_model_file)
+    getLogger().info(f"CF model {model_name}: best valid {dict(best or {})}")
+    return cf_model.eval()
+
+
+def load_cf_item_embeddings(path: str, n_items: int) -> torch.Tensor:
+    """Item embedding table from a RecBole checkpoint (``cf_model_path``) of the same dataset."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"cf_model_path {path!r} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict", checkpoint)
+    for key in ("item_embedding.weight", "item_embedding", "embedding_item.weight"):
+        if key in state:
+            emb = state[key]
+            if emb.shape[0] != n_items:
+                raise ValueError(
+                    f"cf_model_path {path!r}: {key} has {emb.shape[0]} rows but the dataset has {n_items} items"
+                )
+            return emb.float()
+    raise KeyError(f"cf_model_path {path!r} has no item embedding table (looked for item_embedding.weight)")

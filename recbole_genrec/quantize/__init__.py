@@ -1,0 +1,1 @@
+"""Item and user identifiers: quantizers and code tables."""

@@ -1,0 +1,72 @@
+"""Small k-means helpers used to initialise and regularise codebooks."""
+
+from __future__ import annotations
+
+import torch
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Lloyd's k-means on ``x [n, d]``; returns ``k`` centroids ``[k, d]``.
+
+    With fewer points than clusters the missing centroids are points plus small noise.
+    """
+    n = x.shape[0]
+    if n >= k:
+        centroids = x[torch.randperm(n, generator=generator)[:k]].clone()
+    else:
+        extra = x[torch.randint(0, n, (k - n,), generator=generator)]
+        centroids = torch.cat([x, extra + 1e-3 * torch.randn(extra.shape, generator=generator)])
+    for _ in range(iters):
+        assign = torch.cdist(x, centroids).argmin(1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).unsqueeze(1).to(x.dtype)
+        moved = counts.squeeze(1) > 0
+        centroids[moved] = sums[moved] / counts[moved]
+    return centroids
+
+
+def balanced_assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Assign each row of ``x`` to a centroid with at most ``ceil(n / k)`` rows per centroid.
+
+    Greedy on the globally sorted distances: the size-constrained k-means step LETTER uses to
+    group codewords.
+    """
+    n, k = x.shape[0], centroids.shape[0]
+    cap = -(-n // k)
+    dist = torch.cdist(x, centroids)
+    order = torch.argsort(dist.flatten())
+    assign = torch.full((n,), -1, dtype=torch.long)
+    load = torch.zeros(k, dtype=torch.long)
+    for flat in order.tolist():
+        i, c = divmod(flat, k)
+        if assign[i] < 0 and load[c] < cap:
+            assign[i] = c
+            load[c] += 1
+    return assign
+
+
+def constrained_kmeans(x: torch.Tensor, k: int, iters: int = 10, generator=None) -> torch.Tensor:
+    """Size-constrained k-means labels for ``x`` (clusters of at most ``ceil(n / k)`` rows)."""
+    centroids = kmeans(x, k, iters=iters, generator=generator)
+    for _ in range(iters):
+        assign = balanced_assign(x, centroids)
+        for c in range(k):
+            members = assign == c
+            if members.any():
+                centroids[c] = x[members].mean(0)
+    return balanced_assign(x, centroids)
+
+
+def sinkhorn(cost: torch.Tensor, epsilon: float, iters: int = 50) -> torch.Tensor:
+    """Entropic optimal transport plan between rows (uniform) and columns (uniform) of ``cost``.
+
+    Used to balance the last-level assignment (LETTER): ``argmax`` of the plan per row.
+    """
+    cost = cost / cost.max().clamp(min=1e-12)
+    q = torch.exp(-cost / epsilon).T  # [k, n]
+    q = q / q.sum()
+    k, n = q.shape
+    for _ in range(iters):
+        q = q / q.sum(1, keepdim=True).clamp(min=1e-30) / k
+        q = q / q.sum(0, keepdim=True).clamp(min=1e-30) / n
+    return (q * n).T

@@ -1,0 +1,226 @@
+"""Residual-quantised VAE (RQ-VAE) for semantic item IDs (TIGER; LETTER's losses as options).
+
+x -> MLP encoder -> z (``e_dim``) -> L levels of nearest-codeword quantisation of the residual
+(r_0 = z, c_l = argmin_k ||r_l - e^l_k||, r_{l+1} = r_l - e^l_{c_l}) -> z_q = sum_l e^l_{c_l}
+-> MLP decoder -> x_hat.
+
+Loss (TIGER, Rajput et al. 2023, Sec. 3.1): ||x - x_hat||^2 + sum_l ||sg[r_l] - e_{c_l}||^2
++ beta * ||r_l - sg[e_{c_l}]||^2, with the straight-through estimator z + sg[z_q - z] feeding the
+decoder. Codebooks are initialised by k-means on the first encoder outputs (per level, on the
+residuals) and unused codes are re-seeded from random residuals after each epoch.
+
+LETTER (Wang et al. 2024) adds, weighted by ``cf_weight`` and ``div_weight``:
+- collaborative regularisation: in-batch softmax between the quantised latent z_q and the
+  item's frozen CF embedding (dot-product logits, the positive is the item itself);
+- diversity regularisation: each level's codewords are grouped by size-constrained k-means;
+  a residual's positive is a random *other* codeword of its code's group, in a softmax over the
+  level's codewords (own code masked), temperature ``div_tau``.
+"""
+
+from __future__ import annotations
+
+import math
+from logging import getLogger
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recbole_genrec.quantize.kmeans import constrained_kmeans, kmeans
+
+
+def mlp(dims, dropout=0.0) -> nn.Sequential:
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers += [nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+class RQVAE(nn.Module):
+    def __init__(self, in_dim, hidden=(512, 256, 128), e_dim=32, levels=3, codebook_size=256,
+                 beta=0.25, dropout=0.0):
+        super().__init__()
+        self.levels, self.codebook_size, self.beta = levels, codebook_size, beta
+        self.encoder = mlp([in_dim, *hidden, e_dim], dropout)
+        self.decoder = mlp([e_dim, *reversed(hidden), in_dim], dropout)
+        self.codebooks = nn.Parameter(torch.randn(levels, codebook_size, e_dim) / math.sqrt(e_dim))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        # inputs are standardised per dimension with statistics fixed at initialisation
+        self.register_buffer("x_mean", torch.zeros(in_dim))
+        self.register_buffer("x_std", torch.ones(in_dim))
+        # LETTER diversity: codeword groups per level (-1: not computed)
+        self.register_buffer("code_groups", torch.full((levels, codebook_size), -1, dtype=torch.long))
+
+    def quantize(self, z):
+        """Return ``z_q [n, e]``, ``codes [n, L]``, ``residuals [L, n, e]`` and the codebook loss."""
+        residual, z_q = z, torch.zeros_like(z)
+        codes, residuals, vq_loss = [], [], z.new_zeros(())
+        for level in range(self.levels):
+            book = self.codebooks[level]
+            idx = torch.cdist(residual, book).argmin(1)
+            e = book[idx]
+            vq_loss = vq_loss + F.mse_loss(e, residual.detach()) + self.beta * F.mse_loss(residual, e.detach())
+            residuals.append(residual)
+            codes.append(idx)
+            z_q = z_q + e
+            residual = residual - e.detach()
+        return z_q, torch.stack(codes, 1), torch.stack(residuals), vq_loss
+
+    def standardise(self, x):
+        return (x - self.x_mean) / self.x_std
+
+    def encode(self, x):
+        return self.encoder(self.standardise(x))
+
+    def forward(self, x):
+        z = self.encode(x)
+        z_q, codes, residuals, vq_loss = self.quantize(z)
+        x_hat = self.decoder(z + (z_q - z).detach())  # straight-through estimator
+        return {"z": z, "z_q": z_q, "codes": codes, "residuals": residuals,
+                "recon_loss": F.mse_loss(x_hat, self.standardise(x)), "vq_loss": vq_loss}
+
+    @torch.no_grad()
+    def init_codebooks(self, x, generator=None):
+        """Fix the input standardisation, then k-means-initialise every level on the residuals."""
+        self.x_mean.copy_(x.mean(0))
+        self.x_std.copy_(x.std(0).clamp(min=1e-6))
+        residual = self.encode(x)
+        for level in range(self.levels):
+            self.codebooks.data[level] = kmeans(residual, self.codebook_size, generator=generator)
+            idx = torch.cdist(residual, self.codebooks[level]).argmin(1)
+            residual = residual - self.codebooks[level][idx]
+        self.initialised.fill_(True)
+
+    @torch.no_grad()
+    def reseed_dead_codes(self, residuals, codes, generator=None) -> int:
+        """Move codewords no item used onto random residuals of their level; return how many."""
+        moved = 0
+        for level in range(self.levels):
+            counts = torch.bincount(codes[:, level], minlength=self.codebook_size)
+            dead = (counts == 0).nonzero().flatten()
+            if len(dead):
+                pick = torch.randint(0, residuals.shape[1], (len(dead),), generator=generator)
+                self.codebooks.data[level, dead] = residuals[level, pick]
+                moved += len(dead)
+        return moved
+
+    @torch.no_grad()
+    def get_codes(self, x, batch_size=4096) -> torch.Tensor:
+        return torch.cat([self.quantize(self.encode(x[i:i + batch_size]))[1]
+                          for i in range(0, len(x), batch_size)])
+
+    @torch.no_grad()
+    def last_level_costs(self, x) -> torch.Tensor:
+        """Squared distances ``[n, K]`` of the last-level residuals to the last codebook."""
+        _, _, residuals, _ = self.quantize(self.encode(x))
+        return torch.cdist(residuals[-1], self.codebooks[-1]) ** 2
+
+    # ----- LETTER regularisers -------------------------------------------------------------
+    @staticmethod
+    def collaborative_loss(z_q, cf_emb):
+        """LETTER's collaborative alignment: in-batch softmax, the item's own CF row positive."""
+        logits = z_q @ cf_emb.T
+        return F.cross_entropy(logits, torch.arange(len(z_q), device=z_q.device))
+
+    @torch.no_grad()
+    def update_code_groups(self, n_groups: int, generator=None):
+        """Group each level's codewords by size-constrained k-means (LETTER diversity)."""
+        for level in range(self.levels):
+            self.code_groups[level] = constrained_kmeans(self.codebooks[level].detach(), n_groups,
+                                                         generator=generator)
+
+    def diversity_loss(self, residuals, codes, tau=1.0, generator=None):
+        """Pull each residual towards another codeword of its code's group (LETTER Sec. 3.1)."""
+        if (self.code_groups < 0).any():
+            return residuals.new_zeros(())
+        loss = residuals.new_zeros(())
+        for level in range(self.levels):
+            groups = self.code_groups[level]
+            own = codes[:, level]
+            same = groups[own].unsqueeze(1) == groups.unsqueeze(0)  # [n, K]
+            same[torch.arange(len(own)), own] = False
+            has_peer = same.any(1)
+            if not has_peer.any():
+                continue
+            weights = same[has_peer].float()
+            positive = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+            logits = residuals[level][has_peer] @ self.codebooks[level].T / tau
+            logits = logits.masked_fill(F.one_hot(own[has_peer], self.codebook_size).bool(), float("-inf"))
+            loss = loss + F.cross_entropy(logits, positive)
+        return loss / self.levels
+
+
+def codebook_stats(codes: torch.Tensor, codebook_size: int) -> dict:
+    """Per-level used-code fraction and perplexity, and the collision rate of full tuples."""
+    stats = {}
+    for level in range(codes.shape[1]):
+        counts = torch.bincount(codes[:, level], minlength=codebook_size).float()
+        p = counts / counts.sum()
+        entropy = -(p[p > 0] * p[p > 0].log()).sum()
+        stats[f"used@{level}"] = round(float((counts > 0).float().mean()), 4)
+        stats[f"perplexity@{level}"] = round(float(entropy.exp()), 2)
+    stats["collision_rate"] = round(collision_rate(codes), 4)
+    return stats
+
+
+def collision_rate(codes: torch.Tensor) -> float:
+    """Fraction of items whose code tuple is shared with an earlier item."""
+    return 1.0 - len(torch.unique(codes, dim=0)) / max(len(codes), 1)
+
+
+def train_rq_vae(model: RQVAE, x: torch.Tensor, epochs=100, lr=1e-3, batch_size=256, weight_decay=1e-4,
+                 cf_emb=None, cf_weight=0.0, div_weight=0.0, div_groups=10, div_tau=1.0,
+                 seed=2020, log_every=10, show_progress=False) -> list[float]:
+    """Train ``model`` on item vectors ``x [n, d]`` (rows are items). Returns the loss per epoch.
+
+    ``cf_emb [n, e_dim]`` with ``cf_weight > 0`` and ``div_weight > 0`` switch on LETTER's
+    collaborative and diversity regularisers.
+    """
+    logger = getLogger()
+    generator = torch.Generator().manual_seed(seed)
+    if not bool(model.initialised):
+        model.init_codebooks(x, generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    history = []
+    epoch_iter = range(epochs)
+    if show_progress:
+        from tqdm import tqdm
+
+        epoch_iter = tqdm(epoch_iter, desc="RQ-VAE")
+    for epoch in epoch_iter:
+        model.train()
+        if div_weight > 0:
+            model.update_code_groups(div_groups, generator=generator)
+        order = torch.randperm(len(x), generator=generator)
+        total, parts = 0.0, {"recon": 0.0, "vq": 0.0, "cf": 0.0, "div": 0.0}
+        for start in range(0, len(x), batch_size):
+            idx = order[start:start + batch_size]
+            out = model(x[idx])
+            loss = out["recon_loss"] + out["vq_loss"]
+            parts["recon"] += float(out["recon_loss"]) * len(idx)
+            parts["vq"] += float(out["vq_loss"]) * len(idx)
+            if cf_weight > 0 and cf_emb is not None:
+                cf = model.collaborative_loss(out["z_q"], cf_emb[idx])
+                loss = loss + cf_weight * cf
+                parts["cf"] += float(cf) * len(idx)
+            if div_weight > 0:
+                div = model.diversity_loss(out["residuals"], out["codes"], tau=div_tau, generator=generator)
+                loss = loss + div_weight * div
+                parts["div"] += float(div) * len(idx)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(idx)
+        history.append(total / len(x))
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+        dead = model.reseed_dead_codes(out["residuals"], out["codes"], generator=generator) if epoch < epochs - 1 else 0
+        if (epoch + 1) % log_every == 0 or epoch == epochs - 1:
+            stats = codebook_stats(out["codes"], model.codebook_size)
+            part_str = ", ".join(f"{k} {v / len(x):.4f}" for k, v in parts.items() if v)
+            logger.info(f"RQ-VAE epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f} ({part_str}); "
+                        f"re-seeded {dead} dead codes; {stats}")
+    return history
