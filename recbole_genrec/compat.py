@@ -28,11 +28,18 @@ Shims
    ``'float' object has no attribute 'split'``), and ``Dataset._fill_nan`` silently leaves NaNs in
    token and float fields. RecBole's dataset module gets a ``pd`` whose ``read_csv`` fills empty
    sequence cells, and ``_fill_nan`` is replaced by an assignment-based version.
+6. pandas >= 3: ``Series.agg(len)`` returns the length of the Series instead of each element's,
+   so ``Dataset._remap`` splits the remapped ``token_seq`` ids at the wrong points
+   (``ValueError: Length of values (1) does not match length of index``) whenever a
+   ``token_seq`` field such as ml-100k's genres is loaded. ``_remap`` is replaced by a version
+   that takes element lengths with ``Series.map(len)``. (RecBole's ``_normalize`` and
+   ``_discretization`` of ``float_seq`` fields have the same pattern and are not patched yet.)
 """
 
 from __future__ import annotations
 
 import types
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -137,6 +144,28 @@ def _fill_nan(self) -> None:
                 )
 
 
+def _remap(self, remap_list) -> None:
+    """Shim 6: ``Dataset._remap`` with element-wise sequence lengths (pandas >= 3)."""
+    from recbole.utils import FeatureType
+
+    if len(remap_list) == 0:
+        return
+    tokens, split_point = self._concat_remaped_tokens(remap_list)
+    new_ids_list, mp = pd.factorize(tokens)
+    new_ids_list = np.split(new_ids_list + 1, split_point)
+    mp = np.array(["[PAD]"] + list(mp))
+    token_id = {t: i for i, t in enumerate(mp)}
+    for (feat, field, ftype), new_ids in zip(remap_list, new_ids_list):
+        if field not in self.field2id_token:
+            self.field2id_token[field] = mp
+            self.field2token_id[field] = token_id
+        if ftype == FeatureType.TOKEN:
+            feat[field] = new_ids
+        elif ftype == FeatureType.TOKEN_SEQ:
+            lengths = feat[field].map(len).to_numpy()
+            feat[field] = pd.Series(np.split(new_ids, np.cumsum(lengths)[:-1]), index=feat.index, dtype=object)
+
+
 def apply() -> None:
     """Apply every shim once. Safe to call many times."""
     global _APPLIED
@@ -173,6 +202,10 @@ def apply() -> None:
     if getattr(dataset_module, "pd", None) is pd:
         dataset_module.pd = _pandas_with_seq_fill()
     dataset_module.Dataset._fill_nan = _fill_nan
+    dataset_module.Dataset._remap = _remap
+    chained = getattr(pd.errors, "ChainedAssignmentError", None)
+    if chained is not None:  # RecBole's remaining no-op in-place fillna is covered by shim 5
+        warnings.filterwarnings("ignore", category=chained, module=r"recbole\.data\.dataset\.dataset")
 
     for cls in (sp.dok_matrix, getattr(sp, "dok_array", None)):
         if cls is not None and not hasattr(cls, "_update"):

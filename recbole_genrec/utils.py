@@ -20,10 +20,11 @@ def get_model(model_name: str):
         return getattr(importlib.import_module(MODEL_MODULES[model_name]), model_name)
     try:
         return recbole_get_model(model_name)
-    except ValueError as err:
+    except (ValueError, ModuleNotFoundError) as err:
+        # RecBole's lookup ends in exlib_recommender, whose import needs xgboost/lightgbm
         raise ValueError(
             f"model '{model_name}' is neither a recbole_genrec model "
-            f"({', '.join(sorted(MODEL_MODULES))}) nor a RecBole model"
+            f"({', '.join(sorted(MODEL_MODULES))}) nor a RecBole model ({err})"
         ) from err
 
 

@@ -82,7 +82,8 @@ def train_cf_model(config, train_data, valid_data, model_name="SASRec", override
     yaml_path = os.path.join(os.path.dirname(recbole.__file__), "properties", "model", f"{model_name}.yaml")
     if os.path.isfile(yaml_path):
         with open(yaml_path) as f:
-            for key, value in (yaml.safe_load(f) or {}).items():
+            # RecBole's own loader: it reads "1e-12" as a float, as RecBole does
+            for key, value in (yaml.load(f, Loader=config.yaml_loader) or {}).items():
                 cf_config[key] = value
     for key, value in (overrides or {}).items():
         cf_config[key] = value

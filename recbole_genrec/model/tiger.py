@@ -177,7 +177,7 @@ class TIGER(GenerativeRecommender):
         start = self.llm.config.decoder_start_token_id or 0
 
         def step(prefix):
-            dec = torch.cat([torch.full_like(prefix[:, :1], start), prefix], 1)
+            dec = torch.cat([prefix.new_full((prefix.shape[0], 1), start), prefix], 1)
             return self._decoder_log_probs(hidden, mask, dec)[:, -1]
 
         return constrained_beam_search(step, self.trie, B, beam, self.level_ranges(), device=hidden.device)

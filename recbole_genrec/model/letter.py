@@ -1,0 +1,88 @@
+"""LETTER: Learnable Item Tokenization for Generative Recommendation (Wang et al., CIKM 2024).
+
+TIGER's pipeline with LETTER's tokenizer (Sec. 3.1-3.2):
+- stage ``cf``: a RecBole SASRec trained on the same split (or loaded from ``cf_model_path``);
+  its item embeddings (``rq_e_dim`` wide) are frozen as the collaborative signal;
+- stage ``tokenizer``: the RQ-VAE loss plus ``cf_weight`` x collaborative regularisation
+  (in-batch contrast between the quantised latent and the item's CF embedding) and ``div_weight``
+  x diversity regularisation (codewords grouped by size-constrained k-means into ``div_groups``
+  groups; a residual is pulled towards another codeword of its group), see
+  :mod:`recbole_genrec.quantize.rq_vae`; collisions are re-balanced on the last level with
+  Sinkhorn (``collision_handling: sinkhorn``) before the dedup suffix;
+- stage ``recommender``: TIGER's T5 with the ranking-guided generation loss, token
+  cross-entropy on logits divided by ``gen_temperature`` (Sec. 3.3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from recbole_genrec.model.base import load_cf_item_embeddings, train_cf_model
+from recbole_genrec.model.tiger import TIGER
+
+
+class LETTER(TIGER):
+    stages = ("cf", "tokenizer")
+    collision_handling_default = "sinkhorn"
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.register_buffer("cf_item_emb", torch.zeros(self.n_items, config["rq_e_dim"]))
+        self.gen_temperature = config["gen_temperature"] or 1.0
+
+    def train_stage(self, stage, train_data, valid_data, stage_config, show_progress=False):
+        if stage != "cf":
+            return super().train_stage(stage, train_data, valid_data, stage_config, show_progress)
+        e_dim = self.config["rq_e_dim"]
+        if self.config["cf_model_path"]:
+            emb = load_cf_item_embeddings(self.config["cf_model_path"], self.n_items)
+            source = self.config["cf_model_path"]
+        else:
+            cf = train_cf_model(
+                self.config, train_data, valid_data, "SASRec",
+                overrides={"hidden_size": e_dim, "inner_size": 4 * e_dim, "loss_type": "CE"},
+                epochs=stage_config["epochs"], learning_rate=stage_config["learning_rate"],
+                show_progress=show_progress,
+            )
+            emb = cf.item_embedding.weight.detach()
+            source = "SASRec trained as stage 'cf'"
+        if emb.shape[1] != e_dim:
+            raise ValueError(f"cf_model_path item embeddings are {emb.shape[1]}-d; LETTER needs rq_e_dim={e_dim}")
+        self.cf_item_emb.copy_(emb.to(self.cf_item_emb.device))
+        return {"source": source, "cf_dim": e_dim}
+
+    def tokenizer_loss_options(self):
+        return {
+            "cf_emb": self.cf_item_emb[1:],
+            "cf_weight": self.config["cf_weight"],
+            "div_weight": self.config["div_weight"],
+            "div_groups": self.config["div_groups"],
+            "div_tau": self.config["div_tau"],
+        }
+
+    def stage_state_dict(self, stage):
+        if stage == "cf":
+            return {"cf_item_emb": self.cf_item_emb.clone()}
+        return super().stage_state_dict(stage)
+
+    def load_stage_state_dict(self, stage, state):
+        if stage == "cf":
+            self.cf_item_emb.copy_(state["cf_item_emb"])
+        else:
+            super().load_stage_state_dict(stage, state)
+
+    def stage_signature(self, stage):
+        keys = ("cf_model_path", "rq_e_dim", "MAX_ITEM_LIST_LENGTH")
+        base = {"n_items": self.n_items, **{k: self.config[k] for k in keys}}
+        if stage == "cf":
+            return base
+        extra = ("cf_weight", "div_weight", "div_groups", "div_tau")
+        return {**super().stage_signature(stage), **base, **{k: self.config[k] for k in extra}}
+
+    def calculate_loss(self, interaction):
+        """Ranking-guided generation loss: token CE on logits / ``gen_temperature``."""
+        ids, mask = self.encoder_inputs(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        labels = self.item_codes[interaction[self.POS_ITEM_ID]].contiguous()
+        logits = self.llm(input_ids=ids, attention_mask=mask, decoder_input_ids=self._shifted(labels)).logits
+        return F.cross_entropy((logits / self.gen_temperature).flatten(0, 1), labels.flatten())
