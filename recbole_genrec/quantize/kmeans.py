@@ -33,19 +33,20 @@ def balanced_assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """
     n, k = x.shape[0], centroids.shape[0]
     cap = -(-n // k)
-    dist = torch.cdist(x, centroids)
-    order = torch.argsort(dist.flatten())
-    assign = torch.full((n,), -1, dtype=torch.long)
-    load = torch.zeros(k, dtype=torch.long)
-    for flat in order.tolist():
+    order = torch.argsort(torch.cdist(x, centroids).flatten()).tolist()
+    assign, load, left = [-1] * n, [0] * k, n
+    for flat in order:  # plain lists: this loop runs every epoch under LETTER
         i, c = divmod(flat, k)
         if assign[i] < 0 and load[c] < cap:
             assign[i] = c
             load[c] += 1
-    return assign
+            left -= 1
+            if left == 0:
+                break
+    return torch.tensor(assign, dtype=torch.long)
 
 
-def constrained_kmeans(x: torch.Tensor, k: int, iters: int = 10, generator=None) -> torch.Tensor:
+def constrained_kmeans(x: torch.Tensor, k: int, iters: int = 5, generator=None) -> torch.Tensor:
     """Size-constrained k-means labels for ``x`` (clusters of at most ``ceil(n / k)`` rows)."""
     centroids = kmeans(x, k, iters=iters, generator=generator)
     for _ in range(iters):
