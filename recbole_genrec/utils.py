@@ -11,6 +11,7 @@ from recbole.utils import get_trainer as recbole_get_trainer
 MODEL_MODULES = {
     "TIGER": "recbole_genrec.model.tiger",
     "LETTER": "recbole_genrec.model.letter",
+    "SETRec": "recbole_genrec.model.setrec",
 }
 
 
