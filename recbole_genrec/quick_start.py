@@ -124,36 +124,43 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
             model=name, dataset=dataset, config_file_list=config_file_list,
             config_dict=dict(config_dict), saved=saved,
         )
-    checkpoint_dir = config_dict.get("checkpoint_dir", "saved")
-    metric_names = []
-    for result in results.values():
-        for key in result["test_result"]:
-            if key not in metric_names:
-                metric_names.append(key)
-    header = ["model", *metric_names, "train_time_s", "test_time_s"]
-    rows = []
-    for name, result in results.items():
-        metrics = [result["test_result"].get(m) for m in metric_names]
-        rows.append([name, *[("" if v is None else f"{float(v):.4f}") for v in metrics],
-                     f"{result['train_time_s']:.1f}", f"{result['test_time_s']:.1f}"])
-    output_dir = output_dir or os.path.join(checkpoint_dir, "compare")
-    os.makedirs(output_dir, exist_ok=True)
+    rows = [{"model": name, **result["test_result"], "train_time_s": result["train_time_s"],
+             "test_time_s": result["test_time_s"]} for name, result in results.items()]
+    output_dir = output_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
+    write_table(rows, output_dir, f"compare-{dataset}", f"{dataset}: test results")
+    return results
+
+
+def write_table(rows: list[dict], output_dir: str, stem: str, title: str) -> str:
+    """Write ``rows`` (dicts sharing keys) as ``<stem>.md`` and ``<stem>.csv`` (atomically) and print."""
+    header = []
+    for row in rows:
+        header += [key for key in row if key not in header]
+    cells = [[_cell(key, row.get(key)) for key in header] for row in rows]
     md_lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md_lines += ["| " + " | ".join(row) + " |" for row in rows]
+    md_lines += ["| " + " | ".join(line) + " |" for line in cells]
     table = "\n".join(md_lines) + "\n"
-    md_path = os.path.join(output_dir, f"compare-{dataset}.md")
-    csv_path = os.path.join(output_dir, f"compare-{dataset}.csv")
-    _atomic_write_text(md_path, f"# {dataset}: test results\n\n" + table)
+    os.makedirs(output_dir, exist_ok=True)
+    md_path, csv_path = os.path.join(output_dir, f"{stem}.md"), os.path.join(output_dir, f"{stem}.csv")
+    _atomic_write_text(md_path, f"# {title}\n\n" + table)
     tmp = csv_path + ".tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerows(cells)
     os.replace(tmp, csv_path)
     print(table)
     print(f"written: {md_path} and {csv_path}")
-    getLogger().info("comparison table\n" + table)
-    return results
+    getLogger().info(f"{title}\n" + table)
+    return table
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (str, int)):
+        return str(value)
+    return f"{float(value):.1f}" if key.endswith("_s") else f"{float(value):.4f}"
 
 
 def _files_set(config_file_list, key) -> bool:
@@ -171,3 +178,61 @@ def _atomic_write_text(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+# SETRec's protocol (Sec. 4.1): a global time-ordered 8:1:1 split of the (augmented) interactions.
+WARM_COLD_EVAL_ARGS = {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": None, "mode": "full"}
+
+
+def warm_items(train_dataset) -> torch.Tensor:
+    """``[n_items]`` bool: items seen in the training split (as a target or in a history)."""
+    seen = torch.zeros(train_dataset.item_num, dtype=torch.bool)
+    inter = train_dataset.inter_feat
+    seen[inter[train_dataset.iid_field]] = True
+    list_field = train_dataset.iid_field + train_dataset.config["LIST_SUFFIX"]
+    if list_field in inter:
+        seen[inter[list_field].flatten()] = True
+    seen[0] = False
+    return seen
+
+
+def subset_loader(loader, rows: torch.Tensor):
+    """The evaluation loader restricted to the interactions ``rows`` (a bool mask)."""
+    dataset = loader._dataset.copy(loader._dataset.inter_feat[rows.nonzero().flatten()])
+    return type(loader)(loader.config, dataset, loader._sampler, shuffle=False)
+
+
+def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, saved=True, output_dir=None):
+    """Train each model on the warm/cold protocol; report test metrics on all, warm and cold targets.
+
+    Warm targets are items seen in the training split, cold ones are not. Every model (RecBole's
+    and ours) gets the same split, seed and evaluator; the table goes to
+    ``<checkpoint_dir>/compare/warm_cold-<dataset>.{md,csv}``. Returns ``{model: {group: metrics}}``.
+    """
+    if isinstance(models, str):
+        models = [m.strip() for m in models.split(",") if m.strip()]
+    config_dict = {"eval_args": dict(WARM_COLD_EVAL_ARGS), "topk": [5, 10], "metrics": ["Recall", "NDCG"],
+                   "valid_metric": "NDCG@10", **dict(config_dict or {})}
+    rows, results = [], {}
+    for name in models:
+        config, logger, trainer, train_data, valid_data, test_data = _prepare(
+            name, dataset, config_file_list, dict(config_dict))
+        start = time.perf_counter()
+        trainer.fit(train_data, valid_data, saved=saved, show_progress=config["show_progress"])
+        train_time = time.perf_counter() - start
+        warm = warm_items(train_data._dataset)
+        targets = test_data._dataset.inter_feat[test_data._dataset.iid_field]
+        groups = {"all": torch.ones(len(targets), dtype=torch.bool), "warm": warm[targets], "cold": ~warm[targets]}
+        results[name] = {}
+        for i, (group, rows_mask) in enumerate(groups.items()):
+            n = int(rows_mask.sum())
+            metrics = {}
+            if n:
+                loader = test_data if group == "all" else subset_loader(test_data, rows_mask)
+                metrics = dict(trainer.evaluate(loader, load_best_model=saved and i == 0, show_progress=False))
+            results[name][group] = metrics
+            rows.append({"model": name, "targets": group, "n": n, **metrics, "train_time_s": train_time})
+            logger.info(f"{name} {group} targets ({n}): {metrics}")
+    output_dir = output_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
+    write_table(rows, output_dir, f"warm_cold-{dataset}", f"{dataset}: warm/cold protocol (global time-ordered 8:1:1)")
+    return results

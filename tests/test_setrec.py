@@ -144,3 +144,32 @@ def test_setrec_qwen2_end_to_end(tmp_path):
                                 {"checkpoint_dir": str(tmp_path), **SMALL, "epochs": 1, "llm_preset": "qwen2-tiny",
                                  "use_lora": True}, saved=True)
     assert "ndcg@10" in result["test_result"]
+
+
+def test_warm_cold_protocol_side_by_side(tmp_path):
+    from recbole_genrec.quick_start import run_warm_cold
+
+    out = run_warm_cold("SASRec,SETRec", "genrec-tiny", [TINY_YAML],
+                        {"checkpoint_dir": str(tmp_path), **SMALL, "epochs": 1}, saved=True)
+    assert set(out) == {"SASRec", "SETRec"}
+    table = open(tmp_path / "compare" / "warm_cold-genrec-tiny.md").read()
+    for group in ("all", "warm", "cold"):
+        assert f"| {group} |" in table
+    assert "ndcg@10" in out["SETRec"]["all"] and "recall@5" in out["SETRec"]["all"]
+
+
+def test_warm_items_and_subset_loader(tmp_path):
+    from recbole_genrec.quick_start import WARM_COLD_EVAL_ARGS, subset_loader, warm_items
+
+    config = Config("SASRec", "genrec-tiny", [TINY_YAML], {"eval_args": WARM_COLD_EVAL_ARGS})
+    data = create_dataset(config)
+    train, valid, test = data_preparation(config, data)
+    warm = warm_items(train._dataset)
+    assert warm[train._dataset.inter_feat["item_id"]].all() and not warm[0]
+    targets = test._dataset.inter_feat["item_id"]
+    cold_rows = ~warm[targets]
+    loader = subset_loader(test, ~cold_rows)
+    assert len(loader._dataset) == int((~cold_rows).sum())
+    assert warm[loader._dataset.inter_feat["item_id"]].all()
+    # the split is global in time: every training target precedes every test target
+    assert train._dataset.inter_feat["timestamp"].max() <= test._dataset.inter_feat["timestamp"].min()
