@@ -12,6 +12,7 @@ MODEL_MODULES = {
     "TIGER": "recbole_genrec.model.tiger",
     "LETTER": "recbole_genrec.model.letter",
     "SETRec": "recbole_genrec.model.setrec",
+    "TokenRec": "recbole_genrec.model.tokenrec",
 }
 
 

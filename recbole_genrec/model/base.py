@@ -118,3 +118,42 @@ def load_cf_item_embeddings(path: str, n_items: int) -> torch.Tensor:
                 )
             return emb.float()
     raise KeyError(f"cf_model_path {path!r} has no item embedding table (looked for item_embedding.weight)")
+
+
+# data keys a CF model trained on its own loaders must share with the calling model
+SHARED_DATA_KEYS = (
+    "USER_ID_FIELD", "ITEM_ID_FIELD", "RATING_FIELD", "TIME_FIELD", "load_col", "unload_col", "unused_col",
+    "field_separator", "seq_separator", "val_interval", "user_inter_num_interval", "item_inter_num_interval",
+    "filter_inter_by_user_or_item", "rm_dup_inter", "eval_args", "seed", "reproducibility", "checkpoint_dir",
+    "device", "use_gpu", "gpu_id", "state", "show_progress", "encoding",
+)
+
+
+def train_general_cf_model(config, model_name="LightGCN", epochs=10, learning_rate=1e-3, batch_size=2048,
+                           overrides=None, show_progress=False):
+    """Train one of RecBole's general models (e.g. LightGCN) on the same data and split, with its
+    own pairwise loaders; return it (eval mode) after checking that its ids match ``config``'s."""
+    from recbole.data import create_dataset, data_preparation
+    from recbole.trainer import Trainer
+    from recbole.utils import get_model, init_seed
+
+    from recbole_genrec.config import Config
+
+    cf_dict = {k: config[k] for k in SHARED_DATA_KEYS if config[k] is not None}
+    cf_dict.update({"data_path": os.path.dirname(os.path.normpath(config["data_path"])), "epochs": epochs,
+                    "learning_rate": learning_rate, "train_batch_size": batch_size, **(overrides or {})})
+    cf_config = Config(model=model_name, dataset=config["dataset"], config_dict=cf_dict)
+    init_seed(cf_config["seed"], cf_config["reproducibility"])
+    data = create_dataset(cf_config)
+    train, valid, _ = data_preparation(cf_config, data)
+    init_seed(cf_config["seed"], cf_config["reproducibility"])
+    cf_model = get_model(model_name)(cf_config, train._dataset).to(config["device"])
+    trainer = Trainer(cf_config, cf_model)
+    trainer.saved_model_file = os.path.join(
+        config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-cf-{model_name}.tmp.pth")
+    _, best = trainer.fit(train, valid, saved=True, show_progress=show_progress, verbose=False)
+    checkpoint = torch.load(trainer.saved_model_file, map_location=config["device"], weights_only=False)
+    cf_model.load_state_dict(checkpoint["state_dict"])
+    os.remove(trainer.saved_model_file)
+    getLogger().info(f"CF model {model_name}: best valid {dict(best or {})}")
+    return cf_model.eval(), data

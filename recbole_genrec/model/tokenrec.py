@@ -1,0 +1,221 @@
+"""TokenRec: Learning to Tokenize ID for LLM-based Generative Recommendations (Qu et al., 2024).
+
+Stages:
+- ``cf``: a RecBole LightGCN trained on the same data and split with its own pairwise loaders (or
+  loaded from ``cf_model_path``); its final user and item embeddings are the "vector database"
+  (Sec. II-C1, II-D3) and stay frozen;
+- ``tokenizer``: two MQ-Tokenizers (:mod:`recbole_genrec.quantize.mq_tokenizer`, Eq. 2-14), one
+  for items and one for users; each entity gets K codes, i.e. K out-of-vocabulary tokens among
+  the K x L item tokens and K x L user tokens added to the backbone vocabulary;
+- ``recommender``: the backbone encodes the prompt (Eq. 15): prompt 1 = the user's tokens, prompt 2
+  = the user's tokens and the tokens of the history items (shuffled while training, as the paper
+  does to drop sequential order). ``h`` (Eq. 17) is the decoder state of a fixed
+  ``tokenrec_decoder_length``-token decoder input for T5 (flattened, as the official code does) or
+  the last hidden state for decoder-only backbones; a three-layer MLP projects it to ``z`` in the
+  LightGCN space (Eq. 18) and every item is scored by cosine similarity (Eq. 19). The loss is the
+  cosine embedding loss of Eq. 20 with negatives from RecBole's sampler (1:1 by default) and margin
+  ``gamma``. No autoregressive decoding: ``full_sort_predict`` returns all cosine scores and
+  :meth:`retrieve` gives the same top-k through a faiss index.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from recbole.utils import InputType
+from torch import nn
+
+from recbole_genrec.llm.backbone import add_new_tokens, apply_lora, backbone_from_config
+from recbole_genrec.model.base import GenerativeRecommender, train_general_cf_model
+from recbole_genrec.quantize.mq_tokenizer import MQTokenizer, mq_stats, train_mq_tokenizer
+from recbole_genrec.trainer import StagedTrainer
+
+SPECIALS = 4  # pad 0, eos 1, separator 2, decoder query 3 (tiny presets)
+
+
+class TokenRec(GenerativeRecommender):
+    input_type = InputType.PAIRWISE
+    stages = ("cf", "tokenizer")
+    trainer_class = StagedTrainer
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.n_books, self.book_size = config["mq_n_books"], config["mq_book_size"]
+        self.cf_dim = config["cf_hidden_size"]
+        self.prompt = config["tokenrec_prompt"]
+        if self.prompt not in ("user", "user_history"):
+            raise ValueError(f"tokenrec_prompt must be 'user' (prompt 1) or 'user_history' (prompt 2), got {self.prompt!r}")
+        self.gamma = config["gamma"]
+        self.n_users = dataset.user_num
+        self.USER_ID = config["USER_ID_FIELD"]
+        self.config_dataset_tokens = {f: dataset.field2id_token[f] for f in (self.USER_ID, self.ITEM_ID)}
+        n_new = 2 * self.n_books * self.book_size
+        backbone = backbone_from_config(config, vocab_size=SPECIALS + n_new)
+        if config["llm_path"] or config["llm_preset"] == "smollm2-135m":
+            self.item_offset = add_new_tokens(backbone, n_new)
+        else:
+            self.item_offset = SPECIALS
+        self.user_offset = self.item_offset + self.n_books * self.book_size
+        if config["use_lora"]:
+            ids = range(self.item_offset, self.item_offset + n_new)
+            backbone = apply_lora(backbone, config["lora_r"], config["lora_alpha"], config["lora_dropout"], ids)
+        self.llm, self.is_encoder_decoder = backbone.model, backbone.is_encoder_decoder
+        cfg = self.llm.config
+        self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else 1
+        self.decoder_length = config["tokenrec_decoder_length"]
+        d = backbone.hidden_size
+        width = d * self.decoder_length if self.is_encoder_decoder else d
+        hidden = config["proj_hidden"]
+        self.proj = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(config["proj_dropout"]),
+                                  nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, self.cf_dim))
+        mq_kwargs = dict(n_books=self.n_books, book_size=self.book_size, code_dim=config["mq_code_dim"],
+                         hidden=tuple(config["mq_hidden"]), mask_ratio=config["mask_ratio"], beta=config["mq_beta"])
+        self.item_tokenizer = MQTokenizer(self.cf_dim, **mq_kwargs)
+        self.user_tokenizer = MQTokenizer(self.cf_dim, **mq_kwargs)
+        self.register_buffer("user_emb", torch.zeros(self.n_users, self.cf_dim))
+        self.register_buffer("item_emb", torch.zeros(self.n_items, self.cf_dim))
+        self.register_buffer("user_codes", torch.zeros(self.n_users, self.n_books, dtype=torch.long))
+        self.register_buffer("item_codes", torch.zeros(self.n_items, self.n_books, dtype=torch.long))
+
+    # ----- stages -------------------------------------------------------------------------
+    def train_stage(self, stage, train_data, valid_data, stage_config, show_progress=False):
+        if stage == "cf":
+            return self._cf_stage(stage_config, show_progress)
+        x_items, x_users = self.item_emb[1:], self.user_emb[1:]
+        seed = self.config["seed"]
+        common = dict(epochs=stage_config["epochs"], lr=stage_config["learning_rate"],
+                      batch_size=stage_config["batch_size"], seed=seed, show_progress=show_progress)
+        item_hist = train_mq_tokenizer(self.item_tokenizer, x_items, name="item MQ-Tokenizer", **common)
+        user_hist = train_mq_tokenizer(self.user_tokenizer, x_users, name="user MQ-Tokenizer", **common)
+        self.assign_codes()
+        for p in list(self.item_tokenizer.parameters()) + list(self.user_tokenizer.parameters()):
+            p.requires_grad_(False)
+        return {"item": mq_stats(self.item_codes[1:], self.book_size), "user": mq_stats(self.user_codes[1:], self.book_size),
+                "item_loss": round(item_hist[-1], 4), "user_loss": round(user_hist[-1], 4)}
+
+    def _cf_stage(self, stage_config, show_progress):
+        if self.config["cf_model_path"]:
+            state = torch.load(self.config["cf_model_path"], map_location="cpu", weights_only=False)["state_dict"]
+            users, items = state["user_embedding.weight"], state["item_embedding.weight"]
+            source = self.config["cf_model_path"]
+        else:
+            cf, data = train_general_cf_model(
+                self.config, "LightGCN", epochs=stage_config["epochs"], learning_rate=stage_config["learning_rate"],
+                batch_size=stage_config["batch_size"], overrides={"embedding_size": self.cf_dim},
+                show_progress=show_progress)
+            for field in (self.config["USER_ID_FIELD"], self.config["ITEM_ID_FIELD"]):
+                mine = self.config_dataset_tokens[field]
+                if list(data.field2id_token[field]) != list(mine):
+                    raise RuntimeError(f"LightGCN's {field} ids differ from TokenRec's: use the same data settings")
+            with torch.no_grad():
+                users, items = cf.forward()
+            source = "LightGCN trained as stage 'cf'"
+        if users.shape != self.user_emb.shape or items.shape != self.item_emb.shape:
+            raise ValueError(f"CF embeddings {tuple(users.shape)}/{tuple(items.shape)} do not match the dataset "
+                             f"({tuple(self.user_emb.shape)}/{tuple(self.item_emb.shape)}); check cf_hidden_size")
+        self.user_emb.copy_(users.detach())
+        self.item_emb.copy_(items.detach())
+        return {"source": source, "cf_dim": self.cf_dim}
+
+    @torch.no_grad()
+    def assign_codes(self):
+        self.item_tokenizer.eval(), self.user_tokenizer.eval()
+        self.item_codes[1:] = self.item_tokenizer.tokenize(self.item_emb[1:])
+        self.user_codes[1:] = self.user_tokenizer.tokenize(self.user_emb[1:])
+
+    def stage_state_dict(self, stage):
+        if stage == "cf":
+            return {"user_emb": self.user_emb.clone(), "item_emb": self.item_emb.clone()}
+        return {"item_tokenizer": self.item_tokenizer.state_dict(), "user_tokenizer": self.user_tokenizer.state_dict(),
+                "item_codes": self.item_codes.clone(), "user_codes": self.user_codes.clone()}
+
+    def load_stage_state_dict(self, stage, state):
+        if stage == "cf":
+            self.user_emb.copy_(state["user_emb"])
+            self.item_emb.copy_(state["item_emb"])
+            return
+        self.item_tokenizer.load_state_dict(state["item_tokenizer"])
+        self.user_tokenizer.load_state_dict(state["user_tokenizer"])
+        self.item_codes.copy_(state["item_codes"])
+        self.user_codes.copy_(state["user_codes"])
+        for p in list(self.item_tokenizer.parameters()) + list(self.user_tokenizer.parameters()):
+            p.requires_grad_(False)
+
+    def stage_signature(self, stage):
+        keys = ["cf_model_path", "cf_hidden_size", "n_users"]
+        if stage == "tokenizer":
+            keys += ["mq_n_books", "mq_book_size", "mq_code_dim", "mq_hidden", "mask_ratio", "mq_beta"]
+        return {k: self.config[k] for k in keys if k != "n_users"} | {"n_users": self.n_users, "n_items": self.n_items}
+
+    # ----- prompts (Eq. 15) -------------------------------------------------------------------
+    def user_tokens(self, users):
+        return self.user_offset + torch.arange(self.n_books, device=users.device) * self.book_size + self.user_codes[users]
+
+    def item_tokens(self, items):
+        return self.item_offset + torch.arange(self.n_books, device=items.device) * self.book_size + self.item_codes[items]
+
+    def prompt_ids(self, users, item_seq=None, item_len=None, shuffle=False):
+        """Prompt token ids ``[B, S]`` and attention mask: user tokens [, history item tokens] , eos."""
+        parts = [self.user_tokens(users)]
+        if self.prompt == "user_history":
+            items, valid = self.last_items(item_seq, item_len, self.max_seq_length)
+            if shuffle:  # the paper shuffles N(u) to drop the sequential signal
+                keys = torch.rand(items.shape, device=items.device).masked_fill(~valid, 2.0)
+                order = keys.argsort(1)
+                items, valid = items.gather(1, order), valid.gather(1, order)
+            tokens = self.item_tokens(items).masked_fill(~valid.unsqueeze(-1), self.pad_id)
+            parts.append(tokens.flatten(1))
+        ids = torch.cat(parts + [torch.full_like(users.unsqueeze(1), self.eos_id)], 1)
+        mask = ids != self.pad_id
+        keep = mask.any(0)
+        return ids[:, keep], mask[:, keep].long()
+
+    # ----- LLM4Rec + generative retrieval (Eq. 17-20) ---------------------------------------------
+    def user_representation(self, interaction, shuffle=False):
+        """``z`` (Eq. 18) in the LightGCN space: ``[B, cf_dim]``."""
+        ids, mask = self.prompt_ids(interaction[self.USER_ID], interaction[self.ITEM_SEQ],
+                                    interaction[self.ITEM_SEQ_LEN], shuffle=shuffle)
+        if self.is_encoder_decoder:
+            start = self.llm.config.decoder_start_token_id or 0
+            dec = torch.full((len(ids), self.decoder_length), 3, dtype=torch.long, device=ids.device)
+            dec[:, 0] = start
+            out = self.llm(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, output_hidden_states=True,
+                           use_cache=False)
+            h = out.decoder_hidden_states[-1].flatten(1)
+        else:
+            out = self.llm(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+            h = out.hidden_states[-1][:, -1]  # the closing eos sees the whole prompt
+        return self.proj(h)
+
+    def calculate_loss(self, interaction):
+        z = self.user_representation(interaction, shuffle=self.training)
+        pos = F.cosine_similarity(z, self.item_emb[interaction[self.POS_ITEM_ID]], dim=-1)
+        neg = F.cosine_similarity(z, self.item_emb[interaction[self.NEG_ITEM_ID]], dim=-1)
+        return (1 - pos).mean() + (neg - self.gamma).clamp(min=0).mean()  # Eq. 20
+
+    def full_sort_predict(self, interaction):
+        z = F.normalize(self.user_representation(interaction), dim=-1)
+        return z @ F.normalize(self.item_emb, dim=-1).T  # Eq. 19 for every item
+
+    def predict(self, interaction):
+        z = self.user_representation(interaction)
+        return F.cosine_similarity(z, self.item_emb[interaction[self.ITEM_ID]], dim=-1)
+
+    @torch.no_grad()
+    def retrieve(self, interaction, k: int, index: str = "flat"):
+        """Top-``k`` items by faiss over the normalised LightGCN item embeddings (inner product =
+        cosine). ``index``: ``flat`` (exact) or ``hnsw`` (approximate)."""
+        import faiss
+
+        items = F.normalize(self.item_emb[1:], dim=-1).cpu().numpy().astype("float32")
+        if index == "flat":
+            faiss_index = faiss.IndexFlatIP(items.shape[1])
+        elif index == "hnsw":
+            faiss_index = faiss.IndexHNSWFlat(items.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+        else:
+            raise ValueError(f"index must be 'flat' or 'hnsw', got {index!r}")
+        faiss_index.add(items)
+        z = F.normalize(self.user_representation(interaction), dim=-1).cpu().numpy().astype("float32")
+        scores, ids = faiss_index.search(z, k)
+        return torch.from_numpy(ids + 1), torch.from_numpy(scores)
