@@ -3,26 +3,30 @@
 ``--model``, ``--dataset``, ``--config_files`` (space-separated) as in RecBole's ``run_recbole.py``;
 every other ``--key=value`` overrides the config (RecBole's ``Config`` reads them from argv).
 ``--compare=SASRec,LightGCN,TIGER`` runs several models on one split and writes one table;
-``--protocol=warm_cold`` (with ``--compare`` or ``--model``) runs SETRec's warm/cold protocol.
+``--protocol=warm_cold`` (with ``--compare`` or ``--model``) runs SETRec's warm/cold protocol;
+``--protocol=unseen_users`` runs TokenRec's unseen-user protocol.
 """
 
 import argparse
 
 
 def main(argv=None):
-    from recbole_genrec.quick_start import compare, run_recbole_genrec, run_warm_cold
+    from recbole_genrec.quick_start import compare, run_recbole_genrec, run_unseen_users, run_warm_cold
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", "-m", type=str, default="SASRec", help="name of the model")
     parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="name of the dataset")
     parser.add_argument("--config_files", type=str, default=None, help="config files (space-separated)")
     parser.add_argument("--compare", type=str, default=None, help="comma-separated models to run side by side")
-    parser.add_argument("--protocol", type=str, default=None, choices=[None, "warm_cold"],
-                        help="warm_cold: global time-ordered 8:1:1 split, metrics on all/warm/cold targets")
+    parser.add_argument("--protocol", type=str, default=None, choices=[None, "warm_cold", "unseen_users"],
+                        help="warm_cold: global time-ordered 8:1:1 split, metrics on all/warm/cold targets; "
+                             "unseen_users: TokenRec with 5%% of users kept out of training")
     args, _ = parser.parse_known_args(argv)
     config_files = args.config_files.strip().split(" ") if args.config_files else None
     if args.protocol == "warm_cold":
         return run_warm_cold(args.compare or args.model, args.dataset, config_file_list=config_files)
+    if args.protocol == "unseen_users":
+        return run_unseen_users(args.dataset, config_file_list=config_files)
     if args.compare:
         return compare(args.compare, args.dataset, config_file_list=config_files)
     return run_recbole_genrec(model=args.model, dataset=args.dataset, config_file_list=config_files)

@@ -236,3 +236,30 @@ def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, save
     output_dir = output_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
     write_table(rows, output_dir, f"warm_cold-{dataset}", f"{dataset}: warm/cold protocol (global time-ordered 8:1:1)")
     return results
+
+
+def run_unseen_users(dataset, config_file_list=None, config_dict=None, saved=True, output_dir=None, ratio=0.05):
+    """TokenRec's unseen-user protocol (Sec. III-C): the ``ratio`` share of users with the fewest
+    interactions is kept out of every training stage; afterwards only their LightGCN embeddings are
+    refreshed from their interactions and they are evaluated with the frozen tokenizers and LLM.
+    Writes ``<checkpoint_dir>/compare/unseen_users-<dataset>.{md,csv}`` (seen vs unseen rows)."""
+    config_dict = {"unseen_user_ratio": ratio, "topk": [10, 20], "metrics": ["Hit", "NDCG"], **dict(config_dict or {})}
+    config, logger, trainer, train_data, valid_data, test_data = _prepare("TokenRec", dataset, config_file_list,
+                                                                          dict(config_dict))
+    start = time.perf_counter()
+    trainer.fit(train_data, valid_data, saved=saved, show_progress=config["show_progress"])
+    train_time = time.perf_counter() - start
+    unseen = trainer.model.unseen_users.cpu()
+    users = test_data._dataset.inter_feat[test_data._dataset.uid_field]
+    rows, results = [], {}
+    for i, (group, mask) in enumerate({"seen": ~unseen[users], "unseen": unseen[users]}.items()):
+        n = int(mask.sum())
+        if saved and i == 0:
+            trainer.evaluate(test_data, load_best_model=True, show_progress=False)  # loads the best checkpoint
+        metrics = dict(trainer.evaluate(subset_loader(test_data, mask), load_best_model=False,
+                                        show_progress=False)) if n else {}
+        results[group] = metrics
+        rows.append({"model": "TokenRec", "users": group, "n": n, **metrics, "train_time_s": train_time})
+    output_dir = output_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
+    write_table(rows, output_dir, f"unseen_users-{dataset}", f"{dataset}: TokenRec on seen vs unseen users")
+    return results

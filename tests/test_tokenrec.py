@@ -80,3 +80,47 @@ def test_tokenrec_decoder_only_backbone(tmp_path):
                                 {"checkpoint_dir": str(tmp_path), **SMALL, "epochs": 1, "llm_preset": "qwen2-tiny"},
                                 saved=False)
     assert "ndcg@10" in result["test_result"]
+
+
+def test_unseen_users_are_kept_out_and_evaluated(tmp_path, monkeypatch):
+    import recbole_genrec.model.tokenrec as module
+    from recbole_genrec.quick_start import run_unseen_users
+
+    seen_rows = []
+    original = module.TokenRec.user_representation
+
+    def spy(self, interaction, shuffle=False):
+        if self.training:
+            seen_rows.append(self.unseen_users[interaction[self.USER_ID]].any().item())
+        return original(self, interaction, shuffle)
+
+    monkeypatch.setattr(module.TokenRec, "user_representation", spy)
+    out = run_unseen_users("genrec-tiny", [TINY_YAML], {"checkpoint_dir": str(tmp_path), **SMALL, "epochs": 1},
+                           ratio=0.1)
+    assert seen_rows and not any(seen_rows)  # no unseen user ever reached the LLM in training
+    assert "hit@20" in out["seen"] and "ndcg@20" in out["unseen"]
+    table = open(tmp_path / "compare" / "unseen_users-genrec-tiny.md").read()
+    assert "| seen |" in table and "| unseen |" in table
+
+
+def test_unseen_user_gets_tokens_from_refreshed_embeddings_alone(tmp_path):
+    from recbole.data import data_preparation
+    from recbole.utils import init_seed
+
+    from recbole_genrec.config import Config
+    from recbole_genrec.model.tokenrec import TokenRec
+    from recbole_genrec.utils import create_dataset
+
+    config = Config("TokenRec", "genrec-tiny", [TINY_YAML],
+                    {"checkpoint_dir": str(tmp_path), **SMALL, "unseen_user_ratio": 0.1})
+    init_seed(config["seed"], True)
+    train, valid, _ = data_preparation(config, create_dataset(config))
+    model = TokenRec(config, train._dataset)
+    unseen = model.unseen_users.nonzero().flatten()
+    assert len(unseen) == 8  # 10% of 80 users, those with the fewest interactions
+    model.train_stage("cf", train, valid, {"epochs": 2, "learning_rate": 2e-3, "batch_size": 2048})
+    emb = model.user_emb[unseen]
+    assert emb.abs().sum(1).gt(0).all()  # refreshed from their interactions
+    model.train_stage("tokenizer", train, valid, {"epochs": 5, "learning_rate": 5e-3, "batch_size": 64})
+    # the frozen user tokenizer maps the refreshed embedding to the tokens stored for the user
+    assert torch.equal(model.user_tokenizer.tokenize(emb), model.user_codes[unseen])

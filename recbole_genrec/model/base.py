@@ -130,9 +130,12 @@ SHARED_DATA_KEYS = (
 
 
 def train_general_cf_model(config, model_name="LightGCN", epochs=10, learning_rate=1e-3, batch_size=2048,
-                           overrides=None, show_progress=False):
+                           overrides=None, show_progress=False, exclude_users=None):
     """Train one of RecBole's general models (e.g. LightGCN) on the same data and split, with its
-    own pairwise loaders; return it (eval mode) after checking that its ids match ``config``'s."""
+    own pairwise loaders; return it (eval mode), its dataset and its full training dataset.
+
+    ``exclude_users`` (internal ids) are removed from its training interactions (the graph and the
+    loss): TokenRec's unseen-user protocol."""
     from recbole.data import create_dataset, data_preparation
     from recbole.trainer import Trainer
     from recbole.utils import get_model, init_seed
@@ -146,6 +149,12 @@ def train_general_cf_model(config, model_name="LightGCN", epochs=10, learning_ra
     init_seed(cf_config["seed"], cf_config["reproducibility"])
     data = create_dataset(cf_config)
     train, valid, _ = data_preparation(cf_config, data)
+    full_train = train._dataset
+    if exclude_users is not None and len(exclude_users):
+        users = full_train.inter_feat[full_train.uid_field]
+        keep = ~torch.isin(users, torch.as_tensor(exclude_users))
+        train = type(train)(cf_config, full_train.copy(full_train.inter_feat[keep.nonzero().flatten()]),
+                            train._sampler, shuffle=True)
     init_seed(cf_config["seed"], cf_config["reproducibility"])
     cf_model = get_model(model_name)(cf_config, train._dataset).to(config["device"])
     trainer = Trainer(cf_config, cf_model)
@@ -154,6 +163,7 @@ def train_general_cf_model(config, model_name="LightGCN", epochs=10, learning_ra
     _, best = trainer.fit(train, valid, saved=True, show_progress=show_progress, verbose=False)
     checkpoint = torch.load(trainer.saved_model_file, map_location=config["device"], weights_only=False)
     cf_model.load_state_dict(checkpoint["state_dict"])
+    cf_model.cf_config = cf_config
     os.remove(trainer.saved_model_file)
     getLogger().info(f"CF model {model_name}: best valid {dict(best or {})}")
-    return cf_model.eval(), data
+    return cf_model.eval(), data, full_train

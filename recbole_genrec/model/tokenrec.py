@@ -75,14 +75,31 @@ class TokenRec(GenerativeRecommender):
         self.user_tokenizer = MQTokenizer(self.cf_dim, **mq_kwargs)
         self.register_buffer("user_emb", torch.zeros(self.n_users, self.cf_dim))
         self.register_buffer("item_emb", torch.zeros(self.n_items, self.cf_dim))
+        # unseen-user protocol (Sec. III-C): the users with the fewest interactions are kept out of
+        # every training stage and only get LightGCN embeddings refreshed from their interactions
+        self.register_buffer("unseen_users", self.fewest_interaction_users(dataset, config["unseen_user_ratio"] or 0.0))
         self.register_buffer("user_codes", torch.zeros(self.n_users, self.n_books, dtype=torch.long))
         self.register_buffer("item_codes", torch.zeros(self.n_items, self.n_books, dtype=torch.long))
+
+    @staticmethod
+    def fewest_interaction_users(dataset, ratio: float) -> torch.Tensor:
+        """``[n_users]`` bool: the ``ratio`` share of users with the fewest training interactions."""
+        mask = torch.zeros(dataset.user_num, dtype=torch.bool)
+        if ratio <= 0:
+            return mask
+        counts = torch.bincount(dataset.inter_feat[dataset.uid_field], minlength=dataset.user_num).float()
+        counts[0] = float("inf")  # padding user
+        n = max(1, int(round(ratio * (dataset.user_num - 1))))
+        mask[torch.argsort(counts, stable=True)[:n]] = True
+        return mask
 
     # ----- stages -------------------------------------------------------------------------
     def train_stage(self, stage, train_data, valid_data, stage_config, show_progress=False):
         if stage == "cf":
             return self._cf_stage(stage_config, show_progress)
-        x_items, x_users = self.item_emb[1:], self.user_emb[1:]
+        seen = ~self.unseen_users
+        seen[0] = False
+        x_items, x_users = self.item_emb[1:], self.user_emb[seen]
         seed = self.config["seed"]
         common = dict(epochs=stage_config["epochs"], lr=stage_config["learning_rate"],
                       batch_size=stage_config["batch_size"], seed=seed, show_progress=show_progress)
@@ -100,16 +117,20 @@ class TokenRec(GenerativeRecommender):
             users, items = state["user_embedding.weight"], state["item_embedding.weight"]
             source = self.config["cf_model_path"]
         else:
-            cf, data = train_general_cf_model(
+            unseen = self.unseen_users.nonzero().flatten().cpu()
+            cf, data, full_train = train_general_cf_model(
                 self.config, "LightGCN", epochs=stage_config["epochs"], learning_rate=stage_config["learning_rate"],
                 batch_size=stage_config["batch_size"], overrides={"embedding_size": self.cf_dim},
-                show_progress=show_progress)
+                show_progress=show_progress, exclude_users=unseen)
             for field in (self.config["USER_ID_FIELD"], self.config["ITEM_ID_FIELD"]):
                 mine = self.config_dataset_tokens[field]
                 if list(data.field2id_token[field]) != list(mine):
                     raise RuntimeError(f"LightGCN's {field} ids differ from TokenRec's: use the same data settings")
             with torch.no_grad():
                 users, items = cf.forward()
+                if len(unseen):
+                    users = users.clone()
+                    users[unseen] = self.refresh_user_embeddings(cf, full_train, unseen)
             source = "LightGCN trained as stage 'cf'"
         if users.shape != self.user_emb.shape or items.shape != self.item_emb.shape:
             raise ValueError(f"CF embeddings {tuple(users.shape)}/{tuple(items.shape)} do not match the dataset "
@@ -117,6 +138,25 @@ class TokenRec(GenerativeRecommender):
         self.user_emb.copy_(users.detach())
         self.item_emb.copy_(items.detach())
         return {"source": source, "cf_dim": self.cf_dim}
+
+    @staticmethod
+    @torch.no_grad()
+    def refresh_user_embeddings(cf, full_train, users):
+        """LightGCN embeddings of users kept out of training, from their interactions alone: their
+        layer-0 vectors start as the mean of their items' and are propagated over the full training
+        graph with every trained weight frozen (nothing else is retrained)."""
+        from recbole.model.general_recommender.lightgcn import LightGCN
+
+        refreshed = LightGCN(cf.cf_config, full_train).to(cf.user_embedding.weight.device)
+        refreshed.load_state_dict({k: v for k, v in cf.state_dict().items() if "norm_adj" not in k}, strict=False)
+        inter = full_train.inter_feat
+        uid, iid = inter[full_train.uid_field], inter[full_train.iid_field]
+        for user in users.tolist():
+            items = iid[uid == user]
+            if len(items):
+                refreshed.user_embedding.weight[user] = refreshed.item_embedding.weight[items].mean(0)
+        all_users, _ = refreshed.forward()
+        return all_users[users]
 
     @torch.no_grad()
     def assign_codes(self):
@@ -143,7 +183,7 @@ class TokenRec(GenerativeRecommender):
             p.requires_grad_(False)
 
     def stage_signature(self, stage):
-        keys = ["cf_model_path", "cf_hidden_size", "n_users"]
+        keys = ["cf_model_path", "cf_hidden_size", "unseen_user_ratio", "n_users"]
         if stage == "tokenizer":
             keys += ["mq_n_books", "mq_book_size", "mq_code_dim", "mq_hidden", "mask_ratio", "mq_beta"]
         return {k: self.config[k] for k in keys if k != "n_users"} | {"n_users": self.n_users, "n_items": self.n_items}
@@ -189,7 +229,12 @@ class TokenRec(GenerativeRecommender):
         return self.proj(h)
 
     def calculate_loss(self, interaction):
+        keep = ~self.unseen_users[interaction[self.USER_ID]]  # unseen users never train the LLM
+        if not keep.all():
+            interaction = interaction[keep.nonzero().flatten()]
         z = self.user_representation(interaction, shuffle=self.training)
+        if len(z) == 0:
+            return self.proj[0].weight.sum() * 0.0
         pos = F.cosine_similarity(z, self.item_emb[interaction[self.POS_ITEM_ID]], dim=-1)
         neg = F.cosine_similarity(z, self.item_emb[interaction[self.NEG_ITEM_ID]], dim=-1)
         return (1 - pos).mean() + (neg - self.gamma).clamp(min=0).mean()  # Eq. 20
