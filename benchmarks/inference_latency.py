@@ -1,11 +1,13 @@
-"""Per-user inference latency: SETRec (one pass) vs TIGER (beam search) vs one bare backbone pass.
+"""Per-user inference latency: SETRec and TokenRec (one pass each) vs TIGER (beam search) vs one
+bare backbone pass.
 
     python benchmarks/inference_latency.py [--dataset ml-100k] [--users 512] [--beam 20]
 
 Same dataset, same backbone preset (t5-tiny unless ``--preset``), same test users, same batch
 size, CPU threads as configured. Latency does not depend on training quality, so the models are
 built and their tokenizer stages run briefly (TIGER's RQ-VAE for ``--tokenizer_epochs``;
-SETRec's CF token from random vectors). Prints per-user milliseconds and ratios in one table.
+SETRec's CF token from random vectors; TokenRec's LightGCN and codes from random vectors).
+Prints per-user milliseconds and ratios in one table.
 """
 
 import argparse
@@ -64,6 +66,10 @@ def main():
     _, _, setrec_trainer, _, _, _ = _prepare("SETRec", args.dataset, files, common)
     setrec = setrec_trainer.model.eval()
     setrec.cf_item_emb.normal_()
+    _, _, tokenrec_trainer, _, _, _ = _prepare("TokenRec", args.dataset, files, common)
+    tokenrec = tokenrec_trainer.model.eval()
+    tokenrec.item_emb.normal_(), tokenrec.user_emb.normal_()
+    tokenrec.item_codes.random_(0, tokenrec.book_size), tokenrec.user_codes.random_(0, tokenrec.book_size)
     batches = test_batches(test_data, args.users, args.batch)
     users = sum(len(b) for b in batches)
 
@@ -74,16 +80,19 @@ def main():
 
     t_bare = timed(bare, batches)
     t_setrec = timed(setrec.full_sort_predict, batches)
+    t_tokenrec = timed(tokenrec.full_sort_predict, batches)
     t_tiger = timed(tiger.full_sort_predict, batches)
-    per_user = {k: 1000 * v / users for k, v in {"bare": t_bare, "setrec": t_setrec, "tiger": t_tiger}.items()}
+    per_user = {k: 1000 * v / users for k, v in
+                {"bare": t_bare, "setrec": t_setrec, "tokenrec": t_tokenrec, "tiger": t_tiger}.items()}
     print(f"{args.dataset}: {users} test users, batch {args.batch}, preset {args.preset}, "
           f"{tiger.n_items - 1} items, {torch.get_num_threads()} threads")
     print("| method | ms / user | x bare pass |")
     print("|---|---|---|")
     print(f"| one bare backbone pass (encoder + 1 decoder step) | {per_user['bare']:.2f} | 1.00 |")
     print(f"| SETRec (one pass, all items scored) | {per_user['setrec']:.2f} | {t_setrec / t_bare:.2f} |")
+    print(f"| TokenRec (one pass, cosine over all items) | {per_user['tokenrec']:.2f} | {t_tokenrec / t_bare:.2f} |")
     print(f"| TIGER (trie beam search, beam {args.beam}) | {per_user['tiger']:.2f} | {t_tiger / t_bare:.2f} |")
-    print(f"SETRec speed-up over TIGER: {t_tiger / t_setrec:.2f}x")
+    print(f"speed-up over TIGER: SETRec {t_tiger / t_setrec:.2f}x, TokenRec {t_tiger / t_tokenrec:.2f}x")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ token of earlier items and itself, never the other tokens of its own item; on T5
 bidirectional and the shared positions are fed to its relative position bias.
 
 Query-guided simultaneous generation (Eq. 5): 1 + ``n_sem`` learnable query vectors yield all
-tokens in one forward pass, through the decoder for T5 (each query a length-1 decoder sequence, so
-queries see only themselves and share position 0) or appended after the history for decoder-only
+tokens in one forward pass, through the decoder for T5 (an identity self-attention mask: each query sees
+only itself and the encoded history, so their positions do not matter) or appended after the history for decoder-only
 backbones (each query sees the whole history and itself). No autoregressive loop.
 
 Training (Eq. 6, 8): per query a softmax over that dimension's token corpus (inner products with
@@ -98,6 +98,7 @@ class SETRec(GenerativeRecommender):
         self.n_query = 1 + self.n_sem
         self.queries = nn.Parameter(torch.randn(self.n_query, d) * 0.02, requires_grad=config["setrec_learn_queries"])
         self.register_buffer("beta", torch.tensor(float(config["setrec_beta"])))
+        self._token_cache = None
 
     # ----- CF stage -------------------------------------------------------------------
     def train_stage(self, stage, train_data, valid_data, stage_config, show_progress=False):
@@ -165,12 +166,15 @@ class SETRec(GenerativeRecommender):
         with _shared_positions(encoder, positions if self.sparse_mask else None):
             enc = encoder(inputs_embeds=hist, attention_mask=mask).last_hidden_state
         Q = self.n_query
-        queries = self.queries.unsqueeze(0).expand(B, Q, -1).reshape(B * Q, 1, -1)
-        out = self.llm.get_decoder()(
-            inputs_embeds=queries, encoder_hidden_states=enc.repeat_interleave(Q, 0),
-            encoder_attention_mask=mask.repeat_interleave(Q, 0), use_cache=False,
+        # each query attends only to itself (identity self-attention mask), so the relative position
+        # bias is the same constant for all of them: order-free, in one decoder pass
+        eye = torch.eye(Q, dtype=torch.bool, device=hist.device)
+        self_mask = torch.zeros(B, 1, Q, Q, dtype=enc.dtype, device=hist.device)
+        self_mask = self_mask.masked_fill(~eye, torch.finfo(enc.dtype).min)
+        return self.llm.get_decoder()(
+            inputs_embeds=self.queries.unsqueeze(0).expand(B, Q, -1), attention_mask=self_mask,
+            encoder_hidden_states=enc, encoder_attention_mask=mask, use_cache=False,
         ).last_hidden_state
-        return out.view(B, Q, -1)
 
     def attention_mask_4d(self, valid, q, dtype):
         """Sparse mask (Fig. 5b) over ``[history tokens, queries]``: ``[B, 1, S, S]`` additive."""
@@ -235,10 +239,27 @@ class SETRec(GenerativeRecommender):
             return sem
         return (1 - self.beta) * cf + self.beta * sem
 
+    def catalogue_tokens(self):
+        """``item_tokens()`` of the catalogue, cached while the model is in eval mode."""
+        if self.training:
+            self._token_cache = None
+            return self.item_tokens()
+        if self._token_cache is None:
+            self._token_cache = self.item_tokens()
+        return self._token_cache
+
+    def train(self, mode=True):
+        self._token_cache = None
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self._token_cache = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def score_items(self, interaction, text_emb=None, cf_emb=None):
         """Scores of arbitrary items given their text (and CF) embeddings: how items unseen in
         training are recommended. ``cf_emb`` defaults to zeros (no interactions)."""
-        tokens_all = self.item_tokens()
+        tokens_all = self.catalogue_tokens()
         generated = self.generate_tokens(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], tokens_all)
         if text_emb is None:
             return self.ground(generated, tokens_all)
