@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import sys
 import time
@@ -13,6 +14,7 @@ from recbole.data import data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_genrec.config import Config
+from recbole_genrec.atomic import atomic_write_text
 from recbole_genrec.utils import create_dataset, get_model, get_trainer
 
 # Leave-one-out in time order, full ranking: RecBole's sequential protocol, used for every model
@@ -142,13 +144,10 @@ def write_table(rows: list[dict], output_dir: str, stem: str, title: str) -> str
     table = "\n".join(md_lines) + "\n"
     os.makedirs(output_dir, exist_ok=True)
     md_path, csv_path = os.path.join(output_dir, f"{stem}.md"), os.path.join(output_dir, f"{stem}.csv")
-    _atomic_write_text(md_path, f"# {title}\n\n" + table)
-    tmp = csv_path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(cells)
-    os.replace(tmp, csv_path)
+    atomic_write_text(md_path, f"# {title}\n\n" + table)
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([header, *cells])
+    atomic_write_text(csv_path, buffer.getvalue())
     print(table)
     print(f"written: {md_path} and {csv_path}")
     getLogger().info(f"{title}\n" + table)
@@ -171,13 +170,6 @@ def _files_set(config_file_list, key) -> bool:
             if key in (yaml.safe_load(f) or {}):
                 return True
     return False
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # SETRec's protocol (Sec. 4.1): a global time-ordered 8:1:1 split of the (augmented) interactions.

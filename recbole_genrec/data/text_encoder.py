@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from logging import getLogger
 
 import numpy as np
 import torch
+
+from recbole_genrec.atomic import atomic_write
 
 
 def default_encoder_path() -> str:
@@ -118,14 +119,10 @@ def item_text_embeddings(texts, cache_dir, encoder: TextEncoder | None = None, s
     vectors = encoder.encode([texts[i] for i in nonempty], show_progress=show_progress)
     emb = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
     emb[nonempty] = vectors
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:
             np.save(f, emb)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(path, write)
     logger.info(f"item text embeddings {emb.shape} computed with {encoder.path}, cached at {path}")
     return emb

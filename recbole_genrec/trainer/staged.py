@@ -18,29 +18,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
+from recbole_genrec.atomic import atomic_write
+
 STAGE_KEYS = ("epochs", "learning_rate", "batch_size")
 
 
 def atomic_torch_save(obj, path: str) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp, pickle_protocol=4)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp, pickle_protocol=4))
 
 
 class StagedTrainer(Trainer):
@@ -112,16 +103,7 @@ class StagedTrainer(Trainer):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
             return
         target = kwargs.pop("saved_model_file", self.saved_model_file)
-        folder = os.path.dirname(os.path.abspath(target))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        try:
-            super()._save_checkpoint(epoch, verbose=False, saved_model_file=tmp, **kwargs)
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(target, lambda tmp: super(StagedTrainer, self)._save_checkpoint(
+            epoch, verbose=False, saved_model_file=tmp, **kwargs))
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {target}")
