@@ -161,9 +161,8 @@ class TIGER(GenerativeRecommender):
     def trie(self) -> PrefixTrie:
         if self._trie is None:
             items = torch.arange(1, self.n_items, device=self.item_codes.device)
-            self._trie = PrefixTrie(self.item_codes[1:].cpu(), items.cpu(), self.llm.config.vocab_size
-                                    if not hasattr(self.llm, "get_base_model") else
-                                    self.llm.get_base_model().config.vocab_size).to(self.item_codes.device)
+            vocab = self.token_offset + self.depth * self.codebook_size  # above every code token
+            self._trie = PrefixTrie(self.item_codes[1:].cpu(), items.cpu(), vocab).to(self.item_codes.device)
         return self._trie
 
     @torch.no_grad()
