@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -194,12 +195,51 @@ def subset_loader(loader, rows: torch.Tensor):
     return type(loader)(loader.config, dataset, loader._sampler, shuffle=False)
 
 
+@contextlib.contextmanager
+def restricted_catalogue(model, allowed: torch.Tensor):
+    """Within the block, ``model.full_sort_predict`` scores only ``allowed`` items (others -inf)."""
+    original = model.full_sort_predict
+
+    def masked(interaction):
+        scores = original(interaction).view(-1, len(allowed)).clone()
+        scores[:, ~allowed.to(scores.device)] = float("-inf")
+        return scores
+
+    model.full_sort_predict = masked
+    try:
+        yield
+    finally:
+        del model.full_sort_predict
+
+
+def warm_cold_metrics(trainer, train_data, test_data, load_best_model=False) -> dict:
+    """Test metrics on all, warm and cold targets. As in SETRec's evaluation, warm targets are
+    ranked among warm items and cold targets among cold items (the other group is masked)."""
+    warm = warm_items(train_data._dataset)
+    cold = ~warm
+    cold[0] = False
+    targets = test_data._dataset.inter_feat[test_data._dataset.iid_field]
+    results = {"all": (dict(trainer.evaluate(test_data, load_best_model=load_best_model, show_progress=False)),
+                       len(targets))}
+    for group, items in (("warm", warm), ("cold", cold)):
+        rows = items[targets]
+        n = int(rows.sum())
+        metrics = {}
+        if n:
+            with restricted_catalogue(trainer.model, items):
+                metrics = dict(trainer.evaluate(subset_loader(test_data, rows), load_best_model=False,
+                                                show_progress=False))
+        results[group] = (metrics, n)
+    return results
+
+
 def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, saved=True, output_dir=None):
     """Train each model on the warm/cold protocol; report test metrics on all, warm and cold targets.
 
-    Warm targets are items seen in the training split, cold ones are not. Every model (RecBole's
-    and ours) gets the same split, seed and evaluator; the table goes to
-    ``<checkpoint_dir>/compare/warm_cold-<dataset>.{md,csv}``. Returns ``{model: {group: metrics}}``.
+    Warm targets are items seen in the training split, cold ones are not (see
+    :func:`warm_cold_metrics`). Every model (RecBole's and ours) gets the same split, seed and
+    evaluator; the table goes to ``<checkpoint_dir>/compare/warm_cold-<dataset>.{md,csv}``.
+    Returns ``{model: {group: metrics}}``.
     """
     if isinstance(models, str):
         models = [m.strip() for m in models.split(",") if m.strip()]
@@ -212,17 +252,9 @@ def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, save
         start = time.perf_counter()
         trainer.fit(train_data, valid_data, saved=saved, show_progress=config["show_progress"])
         train_time = time.perf_counter() - start
-        warm = warm_items(train_data._dataset)
-        targets = test_data._dataset.inter_feat[test_data._dataset.iid_field]
-        groups = {"all": torch.ones(len(targets), dtype=torch.bool), "warm": warm[targets], "cold": ~warm[targets]}
-        results[name] = {}
-        for i, (group, rows_mask) in enumerate(groups.items()):
-            n = int(rows_mask.sum())
-            metrics = {}
-            if n:
-                loader = test_data if group == "all" else subset_loader(test_data, rows_mask)
-                metrics = dict(trainer.evaluate(loader, load_best_model=saved and i == 0, show_progress=False))
-            results[name][group] = metrics
+        groups = warm_cold_metrics(trainer, train_data, test_data, load_best_model=saved)
+        results[name] = {group: metrics for group, (metrics, _) in groups.items()}
+        for group, (metrics, n) in groups.items():
             rows.append({"model": name, "targets": group, "n": n, **metrics, "train_time_s": train_time})
             logger.info(f"{name} {group} targets ({n}): {metrics}")
     output_dir = output_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
