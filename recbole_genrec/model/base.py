@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import sys
 from logging import getLogger
 
 import numpy as np
@@ -145,7 +146,11 @@ def train_general_cf_model(config, model_name="LightGCN", epochs=10, learning_ra
     cf_dict = {k: config[k] for k in SHARED_DATA_KEYS if config[k] is not None}
     cf_dict.update({"data_path": os.path.dirname(os.path.normpath(config["data_path"])), "epochs": epochs,
                     "learning_rate": learning_rate, "train_batch_size": batch_size, **(overrides or {})})
-    cf_config = Config(model=model_name, dataset=config["dataset"], config_dict=cf_dict)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the caller's --epochs=... etc. must not reach the CF stage
+    try:
+        cf_config = Config(model=model_name, dataset=config["dataset"], config_dict=cf_dict)
+    finally:
+        sys.argv = argv
     init_seed(cf_config["seed"], cf_config["reproducibility"])
     data = create_dataset(cf_config)
     train, valid, _ = data_preparation(cf_config, data)
