@@ -74,7 +74,6 @@ def train_cf_model(config, train_data, valid_data, model_name="SASRec", override
     and ``overrides`` on top; RecBole's ``Trainer`` runs it with its validation and early stopping.
     """
     import yaml
-    from recbole.trainer import Trainer
     from recbole.utils import get_model
 
     import recbole
@@ -92,15 +91,23 @@ def train_cf_model(config, train_data, valid_data, model_name="SASRec", override
     cf_config["epochs"] = epochs
     cf_config["learning_rate"] = learning_rate
     cf_model = get_model(model_name)(cf_config, train_data._dataset).to(config["device"])
+    return _fit_best(config, cf_config, cf_model, train_data, valid_data, show_progress)
+
+
+def _fit_best(config, cf_config, cf_model, train_data, valid_data, show_progress):
+    """RecBole's ``Trainer.fit`` with early stopping on ``valid_data``; the best epoch's weights are
+    loaded back and the temporary checkpoint removed. Returns the model in eval mode."""
+    from recbole.trainer import Trainer
+
+    name = cf_config["model"]
     trainer = Trainer(cf_config, cf_model)
     trainer.saved_model_file = os.path.join(
-        config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-cf-{model_name}.tmp.pth"
-    )
+        config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-cf-{name}.tmp.pth")
     _, best = trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=False)
     checkpoint = torch.load(trainer.saved_model_file, map_location=config["device"], weights_only=False)
     cf_model.load_state_dict(checkpoint["state_dict"])
     os.remove(trainer.saved_model_file)
-    getLogger().info(f"CF model {model_name}: best valid {dict(best or {})}")
+    getLogger().info(f"CF model {name}: best valid {dict(best or {})}")
     return cf_model.eval()
 
 
@@ -138,7 +145,6 @@ def train_general_cf_model(config, model_name="LightGCN", epochs=10, learning_ra
     ``exclude_users`` (internal ids) are removed from its training interactions (the graph and the
     loss): TokenRec's unseen-user protocol."""
     from recbole.data import create_dataset, data_preparation
-    from recbole.trainer import Trainer
     from recbole.utils import get_model, init_seed
 
     from recbole_genrec.config import Config
@@ -162,13 +168,6 @@ def train_general_cf_model(config, model_name="LightGCN", epochs=10, learning_ra
                             train._sampler, shuffle=True)
     init_seed(cf_config["seed"], cf_config["reproducibility"])
     cf_model = get_model(model_name)(cf_config, train._dataset).to(config["device"])
-    trainer = Trainer(cf_config, cf_model)
-    trainer.saved_model_file = os.path.join(
-        config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-cf-{model_name}.tmp.pth")
-    _, best = trainer.fit(train, valid, saved=True, show_progress=show_progress, verbose=False)
-    checkpoint = torch.load(trainer.saved_model_file, map_location=config["device"], weights_only=False)
-    cf_model.load_state_dict(checkpoint["state_dict"])
+    cf_model = _fit_best(config, cf_config, cf_model, train, valid, show_progress)
     cf_model.cf_config = cf_config
-    os.remove(trainer.saved_model_file)
-    getLogger().info(f"CF model {model_name}: best valid {dict(best or {})}")
-    return cf_model.eval(), data, full_train
+    return cf_model, data, full_train
