@@ -13,6 +13,7 @@ MODEL_MODULES = {
     "LETTER": "recbole_genrec.model.letter",
     "SETRec": "recbole_genrec.model.setrec",
     "TokenRec": "recbole_genrec.model.tokenrec",
+    "TwoLevelLLMRec": "recbole_genrec.model.two_level",
 }
 
 

@@ -175,6 +175,13 @@ def backbone_from_config(config, vocab_size: int) -> Backbone:
     return build_backbone(preset, vocab_size, **overrides)
 
 
+def transformer_body(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder-only stack without its LM head (through a peft wrapper too): call it with
+    ``inputs_embeds`` to get hidden states without computing vocabulary logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
 def add_new_tokens(backbone: Backbone, n_new: int) -> int:
     """Append ``n_new`` rows to the (input and output) embeddings; return the first new id."""
     model = backbone.model

@@ -137,13 +137,14 @@ SHARED_DATA_KEYS = (
 )
 
 
-def train_general_cf_model(config, model_name="LightGCN", epochs=10, learning_rate=1e-3, batch_size=2048,
+def train_general_cf_model(config, id_tokens, model_name="LightGCN", epochs=10, learning_rate=1e-3, batch_size=2048,
                            overrides=None, show_progress=False, exclude_users=None):
-    """Train one of RecBole's general models (e.g. LightGCN) on the same data and split, with its
-    own pairwise loaders; return it (eval mode), its dataset and its full training dataset.
+    """Train one of RecBole's general models (e.g. LightGCN, BPR) on the same data and split, with
+    its own pairwise loaders; return it (eval mode), its dataset and its full training dataset.
 
-    ``exclude_users`` (internal ids) are removed from its training interactions (the graph and the
-    loss): TokenRec's unseen-user protocol."""
+    Its ids are checked equal to ``id_tokens`` (``{field: dataset.field2id_token[field]}`` of the
+    calling model's dataset), so its embedding rows can be used directly. ``exclude_users`` (internal ids) are removed from its
+    training interactions (the graph and the loss): TokenRec's unseen-user protocol."""
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_model, init_seed
 
@@ -159,6 +160,9 @@ def train_general_cf_model(config, model_name="LightGCN", epochs=10, learning_ra
         sys.argv = argv
     init_seed(cf_config["seed"], cf_config["reproducibility"])
     data = create_dataset(cf_config)
+    for field, tokens in id_tokens.items():
+        if list(data.field2id_token[field]) != list(tokens):
+            raise RuntimeError(f"{model_name}'s {field} ids differ from {config['model']}'s: use the same data settings")
     train, valid, _ = data_preparation(cf_config, data)
     full_train = train._dataset
     if exclude_users is not None and len(exclude_users):

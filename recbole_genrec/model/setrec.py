@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from recbole.utils import set_color
 from torch import nn
 
-from recbole_genrec.llm.backbone import apply_lora, backbone_from_config
+from recbole_genrec.llm.backbone import apply_lora, backbone_from_config, transformer_body
 from recbole_genrec.model.base import GenerativeRecommender, load_cf_item_embeddings, train_cf_model
 from recbole_genrec.quantize.set_tokenizer import SetTokenizer
 from recbole_genrec.trainer import StagedTrainer
@@ -208,9 +208,8 @@ class SETRec(GenerativeRecommender):
         else:
             pos = torch.arange(inputs.shape[1], device=hist.device)
         mask = self.attention_mask_4d(valid, q, inputs.dtype)
-        body = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        return body.model(inputs_embeds=inputs, attention_mask=mask, position_ids=pos.unsqueeze(0).expand(B, -1),
-                          use_cache=False).last_hidden_state
+        return transformer_body(self.llm)(inputs_embeds=inputs, attention_mask=mask,
+                                          position_ids=pos.unsqueeze(0).expand(B, -1), use_cache=False).last_hidden_state
 
     # ----- losses and scores (Eq. 6-8) ------------------------------------------------------
     def dimension_scores(self, generated, tokens):

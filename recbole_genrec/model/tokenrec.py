@@ -48,7 +48,7 @@ class TokenRec(GenerativeRecommender):
         self.gamma = config["gamma"]
         self.n_users = dataset.user_num
         self.USER_ID = config["USER_ID_FIELD"]
-        self.config_dataset_tokens = {f: dataset.field2id_token[f] for f in (self.USER_ID, self.ITEM_ID)}
+        self.id_tokens = {f: dataset.field2id_token[f] for f in (self.USER_ID, self.ITEM_ID)}
         n_new = 2 * self.n_books * self.book_size
         backbone = backbone_from_config(config, vocab_size=SPECIALS + n_new)
         if config["llm_path"] or config["llm_preset"] == "smollm2-135m":
@@ -118,14 +118,10 @@ class TokenRec(GenerativeRecommender):
             source = self.config["cf_model_path"]
         else:
             unseen = self.unseen_users.nonzero().flatten().cpu()
-            cf, data, full_train = train_general_cf_model(
-                self.config, "LightGCN", epochs=stage_config["epochs"], learning_rate=stage_config["learning_rate"],
-                batch_size=stage_config["batch_size"], overrides={"embedding_size": self.cf_dim},
-                show_progress=show_progress, exclude_users=unseen)
-            for field in (self.config["USER_ID_FIELD"], self.config["ITEM_ID_FIELD"]):
-                mine = self.config_dataset_tokens[field]
-                if list(data.field2id_token[field]) != list(mine):
-                    raise RuntimeError(f"LightGCN's {field} ids differ from TokenRec's: use the same data settings")
+            cf, _, full_train = train_general_cf_model(
+                self.config, self.id_tokens, "LightGCN", epochs=stage_config["epochs"],
+                learning_rate=stage_config["learning_rate"], batch_size=stage_config["batch_size"],
+                overrides={"embedding_size": self.cf_dim}, show_progress=show_progress, exclude_users=unseen)
             with torch.no_grad():
                 users, items = cf.forward()
                 if len(unseen):

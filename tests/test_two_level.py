@@ -1,0 +1,178 @@
+"""TwoLevelLLMRec: item-ID embeddings in a decoder-only LLM, two-level softmax, single-step decoding."""
+
+import pytest
+import torch
+from recbole.data import data_preparation
+from recbole.utils import init_seed
+
+import recbole_genrec  # noqa: F401
+from conftest import TINY_YAML
+from recbole_genrec.config import Config
+from recbole_genrec.model.two_level import TwoLevelLLMRec
+from recbole_genrec.quick_start import load_data_and_model, run_recbole_genrec
+from recbole_genrec.utils import create_dataset
+
+SMALL = {"cf_epochs": 2, "cf_hidden_size": 16, "learning_rate": 0.01}
+
+
+def build(tmp_path, **overrides):
+    """A model whose clusters need no stage (kmeans on text unless overridden)."""
+    config = Config("TwoLevelLLMRec", "genrec-tiny", [TINY_YAML],
+                    {"checkpoint_dir": str(tmp_path), **SMALL, "cluster_source": "text", **overrides})
+    init_seed(config["seed"], True)
+    data = create_dataset(config)
+    train, valid, test = data_preparation(config, data)
+    init_seed(config["seed"], True)
+    return TwoLevelLLMRec(config, train._dataset), train, test
+
+
+def batch_of(loader, n=16):
+    batch = next(iter(loader))
+    inter = batch[0] if isinstance(batch, tuple) else batch
+    return inter[torch.arange(min(n, len(inter)))]
+
+
+@pytest.fixture(scope="module")
+def two_level_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("twolevel")
+    result = run_recbole_genrec("TwoLevelLLMRec", "genrec-tiny", [TINY_YAML],
+                                {"checkpoint_dir": str(folder), **SMALL}, saved=True)
+    return result, folder
+
+
+def test_end_to_end_with_bpr_clusters_and_reload(two_level_run):
+    result, folder = two_level_run
+    assert {"recall@10", "ndcg@10"} <= set(result["test_result"])
+    config, model, _, _, _, test = load_data_and_model(result["model_file"])
+    _, model2, *_ = load_data_and_model(result["model_file"])
+    model.eval(), model2.eval()
+    assert model.stages == ("cf",) and len(list(folder.glob("TwoLevelLLMRec-genrec-tiny-cf-*.pth"))) == 1
+    assert torch.equal(model.cluster_of, model2.cluster_of)
+    assert sorted(model.cluster_of[1:].unique().tolist()) == list(range(model.cluster_stats()["clusters"]))
+    batch = batch_of(test)
+    with torch.no_grad():
+        a, b = model.full_sort_predict(batch), model2.full_sort_predict(batch)
+    assert torch.equal(a, b)
+    assert (torch.isfinite(a).sum(1) == 10).all()  # structure inference: the top max(topk) items only
+    assert torch.isinf(a[:, 0]).all()
+
+
+def test_loss_is_minus_log_of_eq4_and_probabilities_sum_to_one(tmp_path):
+    for softmax in ("two_level", "full"):
+        model, train, _ = build(tmp_path, twolevel_softmax=softmax, twolevel_inference="exact")
+        model.eval()  # no dropout, no metadata sampling: the same h in both computations
+        batch = batch_of(train)
+        with torch.no_grad():
+            loss = model.calculate_loss(batch)
+            loss = sum(loss) if isinstance(loss, tuple) else loss
+            log_p = model.log_probs(model.user_state(batch))
+        assert torch.allclose(log_p.exp().sum(1), torch.ones(len(batch)), atol=1e-5)
+        target = batch[model.POS_ITEM_ID]
+        assert torch.allclose(loss, -log_p.gather(1, target.unsqueeze(1)).mean(), atol=1e-5)
+
+
+def test_two_level_training_only_touches_the_target_clusters_items(tmp_path):
+    model, train, _ = build(tmp_path, n_clusters=6)
+    model.train()
+    batch = batch_of(train, 4)
+    sum(model.calculate_loss(batch)).backward()
+    touched = model.item_embedding.weight.grad.abs().sum(1) > 0
+    clusters = model.cluster_of[batch[model.POS_ITEM_ID]].unique()
+    history = batch[model.ITEM_SEQ].unique()
+    allowed = torch.isin(model.cluster_of, clusters) | torch.isin(torch.arange(model.n_items), history)
+    allowed[0] = False
+    assert touched.any() and not (touched & ~allowed).any()
+
+
+def test_loss_falls(tmp_path):
+    model, train, _ = build(tmp_path, metadata_sampling=False)  # the same inputs every step
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    batch = batch_of(train, 64)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = sum(model.calculate_loss(batch))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_structure_pruning_returns_the_exact_topk(tmp_path):
+    model, _, test = build(tmp_path, n_clusters=7, twolevel_inference="structure")
+    model.eval()
+    h = model.user_state(batch_of(test, 32)).detach()
+    for sharpen in (1.0, 30.0):  # near-uniform clusters visit all; sharp ones let Eq. 6 prune
+        with torch.no_grad():
+            model.cluster_emb.weight.mul_(sharpen)
+            exact = model.log_probs(h)[:, 1:].topk(5, dim=1)
+            items, values, visited = model.structure_topk(h, 5)
+        assert torch.equal(items, exact.indices + 1)
+        assert torch.allclose(values, exact.values, atol=1e-5)
+        assert (visited >= 1).all() and (visited <= 7).all()
+    assert visited.float().mean() < 7  # pruning happened
+
+
+def test_ann_retrieves_the_mips_topk_of_item_plus_centroid(tmp_path):
+    model, _, test = build(tmp_path, twolevel_inference="ann")
+    model.eval()
+    batch = batch_of(test, 16)
+    with torch.no_grad():
+        h = model.user_state(batch)
+        keys = model.item_vectors()[1:] + model.cluster_emb.weight[model.cluster_of[1:]]
+        dense = (h @ keys.T).topk(10, dim=1)
+        items, scores = model.ann_topk(h, 10)
+        scores_all = model.full_sort_predict(batch)
+    assert torch.equal(items, dense.indices + 1)
+    assert torch.allclose(scores, dense.values, atol=1e-4)
+    assert (torch.isfinite(scores_all).sum(1) == 10).all()
+    model.ann_index_type = "hnsw"
+    model.train(False)  # a mode switch drops the cached index
+    approx, _ = model.ann_topk(h, 10)
+    assert ((approx >= 1) & (approx < model.n_items)).all()
+
+
+def test_clusterings_partition_the_catalogue(tmp_path):
+    model, train, _ = build(tmp_path, clustering="frequency", n_clusters=4)
+    counts = torch.bincount(train._dataset.inter_feat[model.ITEM_ID], minlength=model.n_items)
+    c = model.cluster_of[1:]
+    assert sorted(c.unique().tolist()) == [0, 1, 2, 3]
+    for k in range(3):  # frequency clusters are count bands, most frequent first
+        assert counts[1:][c == k].min() >= counts[1:][c == k + 1].max()
+    random_a, _, _ = build(tmp_path, clustering="random", n_clusters=5)
+    random_b, _, _ = build(tmp_path, clustering="random", n_clusters=5)
+    assert torch.equal(random_a.cluster_of, random_b.cluster_of)  # the seed fixes it
+    sizes = torch.bincount(random_a.cluster_of[1:])
+    assert len(sizes) == 5 and int(sizes.max() - sizes.min()) <= 1  # equal-size groups
+    default, _, _ = build(tmp_path)
+    assert default.n_clusters == round((default.n_items - 1) ** 0.5)
+
+
+def test_metadata_sampling_adds_text_tokens_only_while_training(tmp_path):
+    model, train, _ = build(tmp_path, id_only_ratio=0.0)
+    batch = batch_of(train, 32)
+    seq, length = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+    model.eval()
+    inputs, mask, n = model.history_inputs(seq, length)
+    assert torch.equal(n, length.clamp(max=model.max_seq_length))  # ID tokens only
+    model.train()
+    torch.manual_seed(0)
+    _, _, n_train = model.history_inputs(seq, length)
+    assert (n_train > n).any() and (n_train <= 2 * n).all()  # some items carry their text token too
+    only_ids, _, _ = build(tmp_path, id_only_ratio=1.0)
+    only_ids.train()
+    assert torch.equal(only_ids.history_inputs(seq, length)[2], n)
+
+
+def test_bad_options_are_named(tmp_path):
+    with pytest.raises(ValueError, match="decoder-only"):
+        build(tmp_path, llm_preset="t5-tiny")
+    with pytest.raises(ValueError, match="twolevel_inference"):
+        build(tmp_path, twolevel_inference="beam")
+    with pytest.raises(ValueError, match="structure"):
+        build(tmp_path, twolevel_softmax="full", twolevel_inference="structure")
+    with pytest.raises(ValueError, match="item_text_fields"):
+        build(tmp_path, item_text_fields=None)
+    with pytest.raises(ValueError, match="n_clusters"):
+        build(tmp_path, n_clusters=10_000)
