@@ -47,8 +47,8 @@ def test_end_to_end_with_bpr_clusters_and_reload(two_level_run):
     _, model2, *_ = load_data_and_model(result["model_file"])
     model.eval(), model2.eval()
     assert model.stages == ("cf",) and len(list(folder.glob("TwoLevelLLMRec-genrec-tiny-cf-*.pth"))) == 1
-    assert torch.equal(model.cluster_of, model2.cluster_of)
-    assert sorted(model.cluster_of[1:].unique().tolist()) == list(range(model.cluster_stats()["clusters"]))
+    assert torch.equal(model.output.cluster_of, model2.output.cluster_of)
+    assert sorted(model.output.cluster_of[1:].unique().tolist()) == list(range(model.output.stats()["clusters"]))
     batch = batch_of(test)
     with torch.no_grad():
         a, b = model.full_sort_predict(batch), model2.full_sort_predict(batch)
@@ -77,9 +77,9 @@ def test_two_level_training_only_touches_the_target_clusters_items(tmp_path):
     batch = batch_of(train, 4)
     sum(model.calculate_loss(batch)).backward()
     touched = model.item_embedding.weight.grad.abs().sum(1) > 0
-    clusters = model.cluster_of[batch[model.POS_ITEM_ID]].unique()
+    clusters = model.output.cluster_of[batch[model.POS_ITEM_ID]].unique()
     history = batch[model.ITEM_SEQ].unique()
-    allowed = torch.isin(model.cluster_of, clusters) | torch.isin(torch.arange(model.n_items), history)
+    allowed = torch.isin(model.output.cluster_of, clusters) | torch.isin(torch.arange(model.n_items), history)
     allowed[0] = False
     assert touched.any() and not (touched & ~allowed).any()
 
@@ -105,9 +105,9 @@ def test_structure_pruning_returns_the_exact_topk(tmp_path):
     h = model.user_state(batch_of(test, 32)).detach()
     for sharpen in (1.0, 30.0):  # near-uniform clusters visit all; sharp ones let Eq. 6 prune
         with torch.no_grad():
-            model.cluster_emb.weight.mul_(sharpen)
+            model.output.cluster_emb.weight.mul_(sharpen)
             exact = model.log_probs(h)[:, 1:].topk(5, dim=1)
-            items, values, visited = model.structure_topk(h, 5)
+            items, values, visited = model.output.structure_topk(h, model.item_vectors(), 5)
         assert torch.equal(items, exact.indices + 1)
         assert torch.allclose(values, exact.values, atol=1e-5)
         assert (visited >= 1).all() and (visited <= 7).all()
@@ -120,7 +120,7 @@ def test_ann_retrieves_the_mips_topk_of_item_plus_centroid(tmp_path):
     batch = batch_of(test, 16)
     with torch.no_grad():
         h = model.user_state(batch)
-        keys = model.item_vectors()[1:] + model.cluster_emb.weight[model.cluster_of[1:]]
+        keys = model.item_vectors()[1:] + model.output.cluster_emb.weight[model.output.cluster_of[1:]]
         dense = (h @ keys.T).topk(10, dim=1)
         items, scores = model.ann_topk(h, 10)
         scores_all = model.full_sort_predict(batch)
@@ -136,17 +136,17 @@ def test_ann_retrieves_the_mips_topk_of_item_plus_centroid(tmp_path):
 def test_clusterings_partition_the_catalogue(tmp_path):
     model, train, _ = build(tmp_path, clustering="frequency", n_clusters=4)
     counts = torch.bincount(train._dataset.inter_feat[model.ITEM_ID], minlength=model.n_items)
-    c = model.cluster_of[1:]
+    c = model.output.cluster_of[1:]
     assert sorted(c.unique().tolist()) == [0, 1, 2, 3]
     for k in range(3):  # frequency clusters are count bands, most frequent first
         assert counts[1:][c == k].min() >= counts[1:][c == k + 1].max()
     random_a, _, _ = build(tmp_path, clustering="random", n_clusters=5)
     random_b, _, _ = build(tmp_path, clustering="random", n_clusters=5)
-    assert torch.equal(random_a.cluster_of, random_b.cluster_of)  # the seed fixes it
-    sizes = torch.bincount(random_a.cluster_of[1:])
+    assert torch.equal(random_a.output.cluster_of, random_b.output.cluster_of)  # the seed fixes it
+    sizes = torch.bincount(random_a.output.cluster_of[1:])
     assert len(sizes) == 5 and int(sizes.max() - sizes.min()) <= 1  # equal-size groups
     default, _, _ = build(tmp_path)
-    assert default.n_clusters == round((default.n_items - 1) ** 0.5)
+    assert default.output.n_clusters == round((default.n_items - 1) ** 0.5)
 
 
 def test_metadata_sampling_adds_text_tokens_only_while_training(tmp_path):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from recbole.utils import InputType
 from torch import nn
 
+from recbole_genrec.decoding.two_level_softmax import faiss_mips_index, faiss_search
 from recbole_genrec.llm.backbone import add_new_tokens, apply_lora, backbone_from_config
 from recbole_genrec.model.base import GenerativeRecommender, train_general_cf_model
 from recbole_genrec.quantize.mq_tokenizer import MQTokenizer, mq_stats, train_mq_tokenizer
@@ -247,16 +248,6 @@ class TokenRec(GenerativeRecommender):
     def retrieve(self, interaction, k: int, index: str = "flat"):
         """Top-``k`` items by faiss over the normalised LightGCN item embeddings (inner product =
         cosine). ``index``: ``flat`` (exact) or ``hnsw`` (approximate)."""
-        import faiss
-
-        items = F.normalize(self.item_emb[1:], dim=-1).cpu().numpy().astype("float32")
-        if index == "flat":
-            faiss_index = faiss.IndexFlatIP(items.shape[1])
-        elif index == "hnsw":
-            faiss_index = faiss.IndexHNSWFlat(items.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-        else:
-            raise ValueError(f"index must be 'flat' or 'hnsw', got {index!r}")
-        faiss_index.add(items)
-        z = F.normalize(self.user_representation(interaction), dim=-1).cpu().numpy().astype("float32")
-        scores, ids = faiss_index.search(z, k)
-        return torch.from_numpy(ids + 1), torch.from_numpy(scores)
+        faiss_index = faiss_mips_index(F.normalize(self.item_emb[1:], dim=-1), index)
+        items, scores = faiss_search(faiss_index, F.normalize(self.user_representation(interaction), dim=-1), k, offset=1)
+        return items.cpu(), scores.cpu()

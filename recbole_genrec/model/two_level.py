@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recbole_genrec.decoding.two_level_softmax import TwoLevelSoftmax, faiss_mips_index, faiss_search
 from recbole_genrec.llm.backbone import apply_lora, backbone_from_config, transformer_body
 from recbole_genrec.model.base import GenerativeRecommender, load_cf_item_embeddings, train_general_cf_model
 from recbole_genrec.quantize.kmeans import kmeans
@@ -81,10 +82,9 @@ class TwoLevelLLMRec(GenerativeRecommender):
             backbone = apply_lora(backbone, config["lora_r"], config["lora_alpha"], config["lora_dropout"])
         self.llm = backbone.model
         d = backbone.hidden_size
-        d_item = config["item_embedding_size"]
-        self.item_embedding = nn.Embedding(self.n_items, d_item, padding_idx=0)  # E_I (Sec. 3.2)
-        self.item_proj = nn.Sequential(nn.Linear(d_item, config["item_proj_hidden"]), nn.GELU(),
-                                       nn.Linear(config["item_proj_hidden"], d))  # projection head
+        self.item_embedding = nn.Embedding(self.n_items, config["item_embedding_size"], padding_idx=0)  # E_I
+        self.item_proj = nn.Sequential(nn.Linear(config["item_embedding_size"], config["item_proj_hidden"]), nn.GELU(),
+                                       nn.Linear(config["item_proj_hidden"], d))  # projection head (Sec. 3.2)
         self.placeholder = nn.Parameter(torch.randn(d) * 0.02)  # the label's placeholder (Sec. 6.1.2)
 
         needs_text = self.metadata_sampling or (self.clustering == "kmeans" and self.cluster_source == "text")
@@ -96,15 +96,13 @@ class TwoLevelLLMRec(GenerativeRecommender):
         self.text_proj = nn.Linear(text_emb.shape[1], d) if self.metadata_sampling else None
 
         n_real = self.n_items - 1
-        self.n_clusters = int(config["n_clusters"] or max(1, round(math.sqrt(n_real))))
-        if not 1 <= self.n_clusters <= n_real:
-            raise ValueError(f"n_clusters must be between 1 and the number of items ({n_real}), got {self.n_clusters}")
-        self.cluster_emb = nn.Embedding(self.n_clusters, d)  # centroid embeddings (Eq. 2)
-        nn.init.normal_(self.cluster_emb.weight, std=0.02)
-        self.register_buffer("cluster_of", torch.zeros(self.n_items, dtype=torch.long))
+        n_clusters = int(config["n_clusters"] or max(1, round(math.sqrt(n_real))))
+        if not 1 <= n_clusters <= n_real:
+            raise ValueError(f"n_clusters must be between 1 and the number of items ({n_real}), got {n_clusters}")
+        self.output = TwoLevelSoftmax(self.n_items, n_clusters, d)
         self.stages = ("cf",) if self.clustering == "kmeans" and self.cluster_source == "cf" else ()
-        if not self.stages:  # clusters need nothing trained: computed now, saved with the model
-            self.set_clusters(self.compute_clusters(self._cluster_input(dataset)))
+        if not self.stages:  # clusters that need nothing trained: computed now, saved with the model
+            self.output.set_clusters(self.compute_clusters(self._cluster_input(dataset)))
         self.id_tokens = {f: dataset.field2id_token[f] for f in (config["USER_ID_FIELD"], self.ITEM_ID)}
         self._cache = {}
 
@@ -118,8 +116,7 @@ class TwoLevelLLMRec(GenerativeRecommender):
     # ----- clusters (pre-processing) --------------------------------------------------------
     def _cluster_input(self, dataset):
         if self.clustering == "frequency":
-            counts = torch.bincount(dataset.inter_feat[self.ITEM_ID], minlength=self.n_items)
-            return counts[1:].float()
+            return torch.bincount(dataset.inter_feat[self.ITEM_ID], minlength=self.n_items)[1:].float()
         if self.clustering == "kmeans":
             return self.item_text_emb[1:]
         return None
@@ -127,42 +124,16 @@ class TwoLevelLLMRec(GenerativeRecommender):
     def compute_clusters(self, x: torch.Tensor | None) -> torch.Tensor:
         """Cluster of every real item ``[n_items - 1]`` from ``x``: item vectors (kmeans), training
         counts (frequency) or nothing (random). Seeded by ``seed``."""
-        n, K = self.n_items - 1, self.n_clusters
+        n, K = self.n_items - 1, self.output.n_clusters
         generator = torch.Generator().manual_seed(int(self.config["seed"]))
-        labels = torch.empty(n, dtype=torch.long)
         if self.clustering == "kmeans":
             x = x.float().cpu()
-            labels = torch.cdist(x, kmeans(x, K, generator=generator)).argmin(1)
-        else:  # equal-size groups along an order: by count (frequency) or a random permutation
-            order = torch.argsort(-x, stable=True) if self.clustering == "frequency" else torch.randperm(n, generator=generator)
-            labels[order] = torch.arange(n) * K // n
+            return torch.cdist(x, kmeans(x, K, generator=generator)).argmin(1)
+        # equal-size groups along an order: by training count (frequency) or a random permutation
+        order = torch.argsort(-x, stable=True) if self.clustering == "frequency" else torch.randperm(n, generator=generator)
+        labels = torch.empty(n, dtype=torch.long)
+        labels[order] = torch.arange(n) * K // n
         return labels
-
-    def set_clusters(self, labels: torch.Tensor) -> None:
-        """Store the partition; empty clusters are dropped by renumbering (their centroids unused)."""
-        _, compact = torch.unique(labels, return_inverse=True)
-        self.cluster_of.zero_()
-        self.cluster_of[1:] = compact.to(self.cluster_of.device)
-        self._cache = {}
-
-    def cluster_index(self):
-        """``members [K, M]`` (item ids, 0 = padding), ``member_mask [K, M]``, ``slot_of [n_items]``
-        (an item's column in its cluster's row) and ``used [K]`` (clusters with items)."""
-        if "index" not in self._cache:
-            c = self.cluster_of[1:]
-            K = self.n_clusters
-            sizes = torch.bincount(c, minlength=K)
-            order = torch.argsort(c, stable=True)
-            starts = sizes.cumsum(0) - sizes
-            slot = torch.empty_like(c)
-            slot[order] = torch.arange(len(c), device=c.device) - starts[c[order]]
-            members = torch.zeros(K, int(sizes.max()), dtype=torch.long, device=c.device)
-            members[c, slot] = torch.arange(1, self.n_items, device=c.device)
-            member_mask = torch.zeros_like(members, dtype=torch.bool)
-            member_mask[c, slot] = True
-            slot_of = torch.cat([slot.new_zeros(1), slot])
-            self._cache["index"] = (members, member_mask, slot_of, sizes > 0)
-        return self._cache["index"]
 
     def train_stage(self, stage, train_data, valid_data, stage_config, show_progress=False):
         """Stage ``cf``: item embeddings of a BPR matrix factorisation (or ``cf_model_path``) -> k-means."""
@@ -174,21 +145,14 @@ class TwoLevelLLMRec(GenerativeRecommender):
                 learning_rate=stage_config["learning_rate"], batch_size=stage_config["batch_size"],
                 overrides={"embedding_size": self.config["cf_hidden_size"]}, show_progress=show_progress)
             emb, source = cf.item_embedding.weight.detach(), "BPR trained as stage 'cf'"
-        self.set_clusters(self.compute_clusters(emb[1:]))
-        return {"source": source, **self.cluster_stats()}
-
-    def cluster_stats(self) -> dict:
-        sizes = torch.bincount(self.cluster_of[1:], minlength=self.n_clusters)
-        used = sizes[sizes > 0]
-        return {"clusters": int(len(used)), "min_size": int(used.min()), "max_size": int(used.max()),
-                "mean_size": round(float(used.float().mean()), 1)}
+        self.output.set_clusters(self.compute_clusters(emb[1:]))
+        return {"source": source, **self.output.stats()}
 
     def stage_state_dict(self, stage):
-        return {"cluster_of": self.cluster_of.clone()}
+        return {"cluster_of": self.output.cluster_of.clone()}
 
     def load_stage_state_dict(self, stage, state):
-        self.cluster_of.copy_(state["cluster_of"])
-        self._cache = {}
+        self.output.set_clusters(state["cluster_of"][1:])
 
     def stage_signature(self, stage):
         keys = ("cf_model_path", "cf_hidden_size", "n_clusters", "clustering", "cluster_source")
@@ -236,110 +200,55 @@ class TwoLevelLLMRec(GenerativeRecommender):
         return hidden.last_hidden_state[torch.arange(len(n), device=n.device), n]
 
     # ----- output layer (Eq. 1-4) -----------------------------------------------------------
-    def cluster_log_probs(self, h):
-        """``log P(cluster | h)`` (Eq. 2), ``[B, K]``; clusters without items get ``-inf``."""
-        used = self.cluster_index()[3]
-        logits = (h @ self.cluster_emb.weight.T).masked_fill(~used, float("-inf"))
-        return logits.log_softmax(-1)
-
     def calculate_loss(self, interaction):
         h = self.user_state(interaction)
         target = interaction[self.POS_ITEM_ID]
         if self.softmax_type == "full":  # Eq. 1 over the items
-            logits = h @ self.item_vectors()[1:].T
-            return F.cross_entropy(logits, target - 1)
-        members, member_mask, slot_of, _ = self.cluster_index()
-        cluster = self.cluster_of[target]
-        cluster_loss = F.nll_loss(self.cluster_log_probs(h), cluster)  # -log P(c(t) | h)
-        own = members[cluster]  # the target cluster's items only (Sec. 4.3.1)
-        logits = torch.einsum("bd,bmd->bm", h, self.item_vectors(own)).masked_fill(~member_mask[cluster], float("-inf"))
-        item_loss = F.cross_entropy(logits, slot_of[target])  # -log P(t | c(t), h)
-        return cluster_loss, item_loss
+            return F.cross_entropy(h @ self.item_vectors()[1:].T, target - 1)
+        return self.output.loss(h, target, self.item_vectors)  # Eq. 4, target clusters only
 
     def log_probs(self, h):
         """``log P(item | h)`` for every item ``[B, n_items]`` (Eq. 4; Eq. 1 for ``full``)."""
+        if self.softmax_type == "two_level":
+            return self.output.log_probs(h, self.item_vectors())
         scores = h @ self.item_vectors().T
         scores[:, 0] = float("-inf")
-        if self.softmax_type == "full":
-            return scores.log_softmax(-1)
-        members, member_mask, _, _ = self.cluster_index()
-        within = scores[:, members].masked_fill(~member_mask, float("-inf"))
-        log_z = within.logsumexp(-1)  # per-cluster partition function [B, K]
-        c = self.cluster_of
-        out = self.cluster_log_probs(h)[:, c] + scores - log_z[:, c]
-        out[:, 0] = float("-inf")
-        return out
+        return scores.log_softmax(-1)
 
     # ----- single-step inference (Sec. 4.3.2) -----------------------------------------------------
-    @torch.no_grad()
-    def structure_topk(self, h, k: int):
-        """Exact top-``k`` by hierarchical pruning (Eq. 6). Returns items ``[B, k]``, their
-        ``log P`` and the number of clusters visited per user."""
-        members, member_mask, _, _ = self.cluster_index()
-        log_pc = self.cluster_log_probs(h)
-        order = log_pc.argsort(1, descending=True)
-        B = len(h)
-        best = torch.full((B, k), float("-inf"), device=h.device)
-        best_items = torch.zeros(B, k, dtype=torch.long, device=h.device)
-        visited = torch.zeros(B, dtype=torch.long, device=h.device)
-        active = torch.ones(B, dtype=torch.bool, device=h.device)
-        for rank in range(order.shape[1]):
-            cluster = order[:, rank]
-            bound = log_pc.gather(1, cluster.unsqueeze(1)).squeeze(1)
-            active &= (bound > best[:, -1]) & torch.isfinite(bound)  # no item here can beat the k-th best
-            rows = active.nonzero().flatten()
-            if len(rows) == 0:
-                break
-            own, own_mask = members[cluster[rows]], member_mask[cluster[rows]]
-            logits = torch.einsum("bd,bmd->bm", h[rows], self.item_vectors()[own]).masked_fill(~own_mask, float("-inf"))
-            log_p = (bound[rows].unsqueeze(1) + logits.log_softmax(-1)).masked_fill(~own_mask, float("-inf"))
-            values, picked = torch.cat([best[rows], log_p], 1).topk(k, dim=1)
-            best[rows] = values
-            best_items[rows] = torch.cat([best_items[rows], own], 1).gather(1, picked)
-            visited[rows] += 1
-        return best_items, best, visited
-
     def ann_index(self):
         """faiss index over ``e + c(item)`` (two-level) or ``e`` (full), rows = items 1..N-1."""
         if "ann" not in self._cache:
-            import faiss
-
             with torch.no_grad():
-                vectors = self.item_vectors()[1:]
-                if self.softmax_type == "two_level":
-                    vectors = vectors + self.cluster_emb.weight[self.cluster_of[1:]]
-            vectors = vectors.detach().float().cpu().contiguous().numpy()
-            if self.ann_index_type == "flat":
-                index = faiss.IndexFlatIP(vectors.shape[1])
-            else:
-                index = faiss.IndexHNSWFlat(vectors.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-            index.add(vectors)
-            self._cache["ann"] = index
+                vectors = self.item_vectors()
+                keys = self.output.ann_keys(vectors) if self.softmax_type == "two_level" else vectors
+            self._cache["ann"] = faiss_mips_index(keys[1:], self.ann_index_type)
         return self._cache["ann"]
 
     @torch.no_grad()
     def ann_topk(self, h, k: int):
         """Top-``k`` items by faiss MIPS with the user state ``h``: items ``[B, k]`` and scores."""
-        scores, ids = self.ann_index().search(h.detach().float().cpu().contiguous().numpy(), k)
-        ids, scores = torch.from_numpy(ids).to(h.device), torch.from_numpy(scores).to(h.device)
-        scores = scores.masked_fill(ids < 0, float("-inf"))  # faiss pads with -1 when it finds fewer
-        return (ids + 1).clamp(min=0), scores
+        return faiss_search(self.ann_index(), h, k, offset=1)
 
     def full_sort_predict(self, interaction):
         h = self.user_state(interaction)
         if self.inference == "exact":
             return self.log_probs(h)
         k = min(self.topk, self.n_items - 1)
-        items, values = self.structure_topk(h, k)[:2] if self.inference == "structure" else self.ann_topk(h, k)
-        scores = torch.full((len(h), self.n_items), float("-inf"), device=h.device)
-        return scores.scatter(1, items, values).index_fill(1, torch.tensor([0], device=h.device), float("-inf"))
+        if self.inference == "structure":
+            items, values, _ = self.output.structure_topk(h, self.item_vectors(), k)
+        else:
+            items, values = self.ann_topk(h, k)
+        scores = torch.full((len(h), self.n_items), float("-inf"), device=h.device).scatter(1, items, values)
+        scores[:, 0] = float("-inf")
+        return scores
 
     def predict(self, interaction):
         return self.log_probs(self.user_state(interaction)).gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
 
     # ----- caches -------------------------------------------------------------------------
     def train(self, mode=True):
-        self._cache.pop("items", None), self._cache.pop("ann", None)
+        self._cache = {}
         return super().train(mode)
 
     def load_state_dict(self, state_dict, strict=True, assign=False):

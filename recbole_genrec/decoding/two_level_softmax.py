@@ -1,0 +1,148 @@
+"""The two-level (cluster, item) softmax and its single-step decoders (TwoLevelLLMRec, Sec. 4).
+
+Items ``1..N-1`` (0 is RecBole's padding item) are partitioned into clusters with learnable centroid
+embeddings. With ``h [B, d]`` an LLM output and ``e [N, d]`` the item vectors:
+
+- ``P(c | h) = softmax_c(h . centroid_c)`` (Eq. 2);
+- ``P(t | c, h) = softmax over the items of c of h . e_t`` (Eq. 3);
+- ``P(t | h) = P(c(t) | h) P(t | c(t), h)`` (Eq. 4).
+
+:meth:`loss` needs the vectors of the target clusters' items only (Sec. 4.3.1); :meth:`structure_topk`
+finds the exact top-k with the bound ``P(t | h) <= P(c(t) | h)`` (Eq. 6); :meth:`ann_keys` gives the
+vectors ``e_t + centroid_{c(t)}`` whose maximum inner products with ``h`` approximate the ranking
+(Sec. 4.3.2, the per-cluster partition function dropped).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TwoLevelSoftmax(nn.Module):
+    def __init__(self, n_items: int, n_clusters: int, dim: int):
+        super().__init__()
+        self.n_items, self.n_clusters = n_items, n_clusters
+        self.cluster_emb = nn.Embedding(n_clusters, dim)  # centroid embeddings (Eq. 2)
+        nn.init.normal_(self.cluster_emb.weight, std=0.02)
+        self.register_buffer("cluster_of", torch.zeros(n_items, dtype=torch.long))
+        self._index = None
+
+    def set_clusters(self, labels: torch.Tensor) -> None:
+        """Store the cluster of every real item (``[N - 1]``); empty clusters are dropped by
+        renumbering (their centroid rows stay unused)."""
+        _, compact = torch.unique(labels, return_inverse=True)
+        self.cluster_of.zero_()
+        self.cluster_of[1:] = compact.to(self.cluster_of.device)
+        self._index = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._index = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def index(self):
+        """``members [K, M]`` (item ids, 0 = padding), ``member_mask [K, M]``, ``slot_of [N]`` (an
+        item's column in its cluster's row) and ``used [K]`` (clusters that have items)."""
+        if self._index is None or self._index[0].device != self.cluster_of.device:
+            c = self.cluster_of[1:]
+            sizes = torch.bincount(c, minlength=self.n_clusters)
+            order = torch.argsort(c, stable=True)
+            slot = torch.empty_like(c)
+            slot[order] = torch.arange(len(c), device=c.device) - (sizes.cumsum(0) - sizes)[c[order]]
+            members = torch.zeros(self.n_clusters, int(sizes.max()), dtype=torch.long, device=c.device)
+            members[c, slot] = torch.arange(1, self.n_items, device=c.device)
+            member_mask = torch.zeros_like(members, dtype=torch.bool)
+            member_mask[c, slot] = True
+            self._index = (members, member_mask, torch.cat([slot.new_zeros(1), slot]), sizes > 0)
+        return self._index
+
+    def stats(self) -> dict:
+        sizes = torch.bincount(self.cluster_of[1:], minlength=self.n_clusters)
+        used = sizes[sizes > 0]
+        return {"clusters": int(len(used)), "min_size": int(used.min()), "max_size": int(used.max()),
+                "mean_size": round(float(used.float().mean()), 1)}
+
+    def cluster_log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """``log P(c | h)`` (Eq. 2), ``[B, K]``; clusters without items get ``-inf``."""
+        used = self.index()[3]
+        return (h @ self.cluster_emb.weight.T).masked_fill(~used, float("-inf")).log_softmax(-1)
+
+    def loss(self, h: torch.Tensor, target: torch.Tensor, item_vectors: Callable[[torch.Tensor], torch.Tensor]):
+        """``(-log P(c(t) | h), -log P(t | c(t), h))`` averaged over the batch; ``item_vectors(ids)``
+        is called on the target clusters' items only."""
+        members, member_mask, slot_of, _ = self.index()
+        cluster = self.cluster_of[target]
+        cluster_loss = F.nll_loss(self.cluster_log_probs(h), cluster)
+        own = members[cluster]
+        logits = torch.einsum("bd,bmd->bm", h, item_vectors(own)).masked_fill(~member_mask[cluster], float("-inf"))
+        return cluster_loss, F.cross_entropy(logits, slot_of[target])
+
+    def log_probs(self, h: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """``log P(t | h)`` of every item, ``[B, N]`` (Eq. 4; column 0 is ``-inf``)."""
+        scores = h @ vectors.T
+        members, member_mask, _, _ = self.index()
+        log_z = scores[:, members].masked_fill(~member_mask, float("-inf")).logsumexp(-1)  # [B, K]
+        c = self.cluster_of
+        out = self.cluster_log_probs(h)[:, c] + scores - log_z[:, c]
+        out[:, 0] = float("-inf")
+        return out
+
+    @torch.no_grad()
+    def structure_topk(self, h: torch.Tensor, vectors: torch.Tensor, k: int):
+        """Exact top-``k`` by hierarchical pruning: clusters in order of ``P(c | h)``; stop once the
+        next cluster's bound (Eq. 6) cannot beat the k-th best item found. Returns items ``[B, k]``,
+        their ``log P(t | h)`` and the number of clusters visited per row."""
+        members, member_mask, _, _ = self.index()
+        log_pc = self.cluster_log_probs(h)
+        order = log_pc.argsort(1, descending=True)
+        B = len(h)
+        best = torch.full((B, k), float("-inf"), device=h.device)
+        best_items = torch.zeros(B, k, dtype=torch.long, device=h.device)
+        visited = torch.zeros(B, dtype=torch.long, device=h.device)
+        active = torch.ones(B, dtype=torch.bool, device=h.device)
+        for rank in range(order.shape[1]):
+            cluster = order[:, rank]
+            bound = log_pc.gather(1, cluster.unsqueeze(1)).squeeze(1)
+            active &= (bound > best[:, -1]) & torch.isfinite(bound)
+            rows = active.nonzero().flatten()
+            if len(rows) == 0:
+                break
+            own, own_mask = members[cluster[rows]], member_mask[cluster[rows]]
+            logits = torch.einsum("bd,bmd->bm", h[rows], vectors[own]).masked_fill(~own_mask, float("-inf"))
+            log_p = (bound[rows].unsqueeze(1) + logits.log_softmax(-1)).masked_fill(~own_mask, float("-inf"))
+            values, picked = torch.cat([best[rows], log_p], 1).topk(k, dim=1)
+            best[rows] = values
+            best_items[rows] = torch.cat([best_items[rows], own], 1).gather(1, picked)
+            visited[rows] += 1
+        return best_items, best, visited
+
+    def ann_keys(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``e_t + centroid_{c(t)}`` for every item ``[N, d]``: MIPS keys of the ANN approximation."""
+        return vectors + self.cluster_emb.weight[self.cluster_of]
+
+
+def faiss_mips_index(keys: torch.Tensor, kind: str = "flat"):
+    """A faiss inner-product index over ``keys [n, d]``: ``flat`` (exact) or ``hnsw`` (approximate)."""
+    import faiss
+
+    keys = keys.detach().float().cpu().contiguous().numpy()
+    if kind == "flat":
+        index = faiss.IndexFlatIP(keys.shape[1])
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(keys.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ValueError(f"ann_index must be 'flat' or 'hnsw', got {kind!r}")
+    index.add(keys)
+    return index
+
+
+def faiss_search(index, queries: torch.Tensor, k: int, offset: int = 0):
+    """Top-``k`` rows of ``index`` for ``queries``: ids (+ ``offset``) ``[B, k]`` and scores; rows
+    faiss could not fill get id ``0`` and score ``-inf``."""
+    scores, ids = index.search(queries.detach().float().cpu().contiguous().numpy(), k)
+    ids, scores = torch.from_numpy(ids).to(queries.device), torch.from_numpy(scores).to(queries.device)
+    missing = ids < 0
+    return (ids + offset).masked_fill(missing, 0), scores.masked_fill(missing, float("-inf"))
