@@ -1,10 +1,13 @@
-"""Per-user inference latency: SETRec and TokenRec (one pass each) vs TIGER (beam search) vs one
-bare backbone pass.
+"""Per-user inference latency: SETRec, TokenRec and TwoLevelLLMRec (one pass each) vs TIGER (beam
+search) vs one bare backbone pass.
 
     python benchmarks/inference_latency.py [--dataset ml-100k] [--users 512] [--beam 20]
 
 Same dataset, same backbone preset (t5-tiny unless ``--preset``), same test users, same batch
-size, CPU threads as configured. Latency does not depend on training quality, so the models are
+size, CPU threads as configured. TwoLevelLLMRec needs a decoder-only backbone: it runs on
+``--decoder_preset`` (qwen2-tiny: the same width and depth as t5-tiny's encoder), untrained, so its
+cluster distribution is flat and structure pruning visits more clusters than a trained model would.
+Latency does not depend on training quality, so the models are
 built and their tokenizer stages run briefly (TIGER's RQ-VAE for ``--tokenizer_epochs``;
 SETRec's CF token from random vectors; TokenRec's LightGCN and codes from random vectors).
 Prints per-user milliseconds and ratios in one table.
@@ -53,6 +56,7 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--beam", type=int, default=20)
     parser.add_argument("--preset", default="t5-tiny")
+    parser.add_argument("--decoder_preset", default="qwen2-tiny")
     parser.add_argument("--tokenizer_epochs", type=int, default=30)
     args = parser.parse_args()
     sys.argv = sys.argv[:1]
@@ -70,6 +74,11 @@ def main():
     tokenrec = tokenrec_trainer.model.eval()
     tokenrec.item_emb.normal_(), tokenrec.user_emb.normal_()
     tokenrec.item_codes.random_(0, tokenrec.book_size), tokenrec.user_codes.random_(0, tokenrec.book_size)
+    two_level = {}
+    for inference in ("exact", "structure", "ann"):
+        _, _, trainer, _, _, _ = _prepare("TwoLevelLLMRec", args.dataset, files, {
+            **common, "llm_preset": args.decoder_preset, "cluster_source": "text", "twolevel_inference": inference})
+        two_level[inference] = trainer.model.eval()
     batches = test_batches(test_data, args.users, args.batch)
     users = sum(len(b) for b in batches)
 
@@ -82,6 +91,7 @@ def main():
     t_setrec = timed(setrec.full_sort_predict, batches)
     t_tokenrec = timed(tokenrec.full_sort_predict, batches)
     t_tiger = timed(tiger.full_sort_predict, batches)
+    t_two = {name: timed(model.full_sort_predict, batches) for name, model in two_level.items()}
     per_user = {k: 1000 * v / users for k, v in
                 {"bare": t_bare, "setrec": t_setrec, "tokenrec": t_tokenrec, "tiger": t_tiger}.items()}
     print(f"{args.dataset}: {users} test users, batch {args.batch}, preset {args.preset}, "
@@ -92,7 +102,10 @@ def main():
     print(f"| SETRec (one pass, all items scored) | {per_user['setrec']:.2f} | {t_setrec / t_bare:.2f} |")
     print(f"| TokenRec (one pass, cosine over all items) | {per_user['tokenrec']:.2f} | {t_tokenrec / t_bare:.2f} |")
     print(f"| TIGER (trie beam search, beam {args.beam}) | {per_user['tiger']:.2f} | {t_tiger / t_bare:.2f} |")
-    print(f"speed-up over TIGER: SETRec {t_tiger / t_setrec:.2f}x, TokenRec {t_tiger / t_tokenrec:.2f}x")
+    for name, seconds in t_two.items():
+        print(f"| TwoLevelLLMRec ({name}, {args.decoder_preset}) | {1000 * seconds / users:.2f} | {seconds / t_bare:.2f} |")
+    print(f"speed-up over TIGER: SETRec {t_tiger / t_setrec:.2f}x, TokenRec {t_tiger / t_tokenrec:.2f}x, "
+          + ", ".join(f"TwoLevelLLMRec {name} {t_tiger / seconds:.2f}x" for name, seconds in t_two.items()))
 
 
 if __name__ == "__main__":

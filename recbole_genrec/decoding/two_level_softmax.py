@@ -83,9 +83,12 @@ class TwoLevelSoftmax(nn.Module):
     def log_probs(self, h: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """``log P(t | h)`` of every item, ``[B, N]`` (Eq. 4; column 0 is ``-inf``)."""
         scores = h @ vectors.T
-        members, member_mask, _, _ = self.index()
-        log_z = scores[:, members].masked_fill(~member_mask, float("-inf")).logsumexp(-1)  # [B, K]
-        c = self.cluster_of
+        c, real = self.cluster_of, scores[:, 1:]
+        # per-cluster partition function log Z_c(h) [B, K]: a max-shifted log-sum-exp by scatter
+        shift = real.new_full((len(h), self.n_clusters), float("-inf"))
+        shift = shift.scatter_reduce(1, c[1:].expand_as(real), real, "amax").detach()
+        total = torch.zeros_like(shift).index_add_(1, c[1:], (real - shift[:, c[1:]]).exp())
+        log_z = shift + total.log()
         out = self.cluster_log_probs(h)[:, c] + scores - log_z[:, c]
         out[:, 0] = float("-inf")
         return out
