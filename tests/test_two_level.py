@@ -36,7 +36,7 @@ def batch_of(loader, n=16):
 def two_level_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("twolevel")
     result = run_recbole_genrec("TwoLevelLLMRec", "genrec-tiny", [TINY_YAML],
-                                {"checkpoint_dir": str(folder), **SMALL}, saved=True)
+                                {"checkpoint_dir": str(folder), **SMALL, "twolevel_inference": "structure"}, saved=True)
     return result, folder
 
 
@@ -176,3 +176,14 @@ def test_bad_options_are_named(tmp_path):
         build(tmp_path, item_text_fields=None)
     with pytest.raises(ValueError, match="n_clusters"):
         build(tmp_path, n_clusters=10_000)
+
+
+def test_lora_freezes_the_llm_and_trains_the_item_side(tmp_path):
+    model, train, _ = build(tmp_path, use_lora=True, metadata_sampling=False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable)
+    assert not [n for n in trainable if n.startswith("llm.") and "lora_" not in n]  # base weights frozen
+    assert {"item_embedding.weight", "placeholder", "output.cluster_emb.weight"} <= set(trainable)
+    model.train()
+    sum(model.calculate_loss(batch_of(train))).backward()
+    assert model.item_embedding.weight.grad.abs().sum() > 0
