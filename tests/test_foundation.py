@@ -25,6 +25,13 @@ def test_numpy_aliases_restored_and_config_compatibility_settings_runs():
     Config("SASRec", "genrec-tiny", [TINY_YAML]).compatibility_settings()
 
 
+def test_importing_recbole_models_leaves_autograd_anomaly_detection_off():
+    from recbole_genrec.utils import get_model
+
+    get_model("SINE"), get_model("SASRec")  # RecBole's sine.py switches it on at import
+    assert not torch.is_anomaly_enabled()
+
+
 def test_dok_matrix_update_shim_builds_the_matrix():
     a = sp.dok_matrix((3, 4), dtype=np.float32)
     a._update({(0, 1): 1, (2, 3): 1})
