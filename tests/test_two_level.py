@@ -187,3 +187,35 @@ def test_lora_freezes_the_llm_and_trains_the_item_side(tmp_path):
     model.train()
     sum(model.calculate_loss(batch_of(train))).backward()
     assert model.item_embedding.weight.grad.abs().sum() > 0
+
+
+def test_item_text_enters_as_the_backbones_own_tokens_with_llm_path(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from recbole_genrec.llm.backbone import build_backbone
+
+    words = ["[PAD]", "[UNK]", "movie_title", "class", ":", ";", "Action", "Comedy", "Drama", "Horror"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "qwen2-with-tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
+    build_backbone("qwen2-tiny", len(words)).model.save_pretrained(path)
+
+    model, train, _ = build(tmp_path, llm_path=str(path), id_only_ratio=0.0, twolevel_text_tokens=6,
+                            cluster_source="text")
+    assert model.text_input == "tokens" and model.text_proj is None
+    assert model.item_text_ids.shape == (model.n_items, 6) and not model.item_text_mask[0].any()
+    batch = batch_of(train, 32)
+    seq, length = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+    model.eval()
+    assert torch.equal(model.history_inputs(seq, length)[2], length.clamp(max=model.max_seq_length))
+    model.train()
+    n_train = model.history_inputs(seq, length)[2]
+    assert (n_train > 2 * length.clamp(max=model.max_seq_length)).any()  # several text tokens per item
+    sum(model.calculate_loss(batch)).backward()
+    grad = model.llm.get_input_embeddings().weight.grad
+    used = model.item_text_ids[model.item_text_mask].unique()
+    assert grad[used].abs().sum() > 0  # the text went through the LLM's own embedding table
+    with pytest.raises(ValueError, match="tokenizer"):
+        build(tmp_path, twolevel_text_input="tokens")  # presets have no tokenizer

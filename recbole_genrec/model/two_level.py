@@ -32,11 +32,13 @@ training counts together) or ``random``; about ``sqrt(#items)`` clusters unless 
 
 Training paradigm (Sec. 3.4), ``metadata_sampling``: while training, each history item is shown as a
 random non-empty subset of {ID, text} and ``id_only_ratio`` of the examples use IDs only; inference
-uses IDs only. Our choices (the paper's prompt is natural-language text for a pretrained LLM): an
-item's text (the ``item_text_fields``) enters as one token, its sentence embedding through a linear
-projection, so the built-in presets need no text vocabulary; the instruction words of the prompt
-are left out and the label placeholder plays the role of "id:"; labels are item IDs only (the next
-item is what RecBole evaluates), so text tokens never appear in the output softmax.
+uses IDs only. An item's text (the ``item_text_fields``) enters as the backbone's own tokens (its
+first ``twolevel_text_tokens``) when the backbone has a tokenizer (``llm_path``), as in the paper;
+the built-in presets have no text vocabulary, so there it enters as one token, the item's sentence
+embedding through a linear projection (``twolevel_text_input``: auto | tokens | embedding). Our
+choices: the instruction words of the prompt are left out and the label placeholder plays the role
+of "id:"; labels are item IDs only (the next item is what RecBole evaluates), so text tokens never
+appear in the output softmax.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recbole_genrec.data import load_item_texts
 from recbole_genrec.decoding.two_level_softmax import TwoLevelSoftmax, faiss_mips_index, faiss_search
 from recbole_genrec.llm.backbone import apply_lora, backbone_from_config, transformer_body
 from recbole_genrec.model.base import GenerativeRecommender, load_cf_item_embeddings, train_general_cf_model
@@ -91,9 +94,16 @@ class TwoLevelLLMRec(GenerativeRecommender):
         if needs_text and not config["item_text_fields"]:
             raise ValueError("TwoLevelLLMRec: metadata_sampling (or cluster_source 'text') needs item_text_fields; "
                              "set item_text_fields or metadata_sampling: False")
-        text_emb = self.item_text_embeddings(config, dataset) if needs_text else torch.zeros(self.n_items, 1)
+        self.text_input = self._option(config, "twolevel_text_input", ("auto", "tokens", "embedding"))
+        if self.text_input == "auto":
+            self.text_input = "tokens" if backbone.tokenizer is not None else "embedding"
+        if self.metadata_sampling and self.text_input == "tokens":
+            self._register_text_tokens(config, dataset, backbone.tokenizer)
+        use_proj = self.metadata_sampling and self.text_input == "embedding"
+        needs_emb = use_proj or (self.clustering == "kmeans" and self.cluster_source == "text")
+        text_emb = self.item_text_embeddings(config, dataset) if needs_emb else torch.zeros(self.n_items, 1)
         self.register_buffer("item_text_emb", text_emb, persistent=False)
-        self.text_proj = nn.Linear(text_emb.shape[1], d) if self.metadata_sampling else None
+        self.text_proj = nn.Linear(text_emb.shape[1], d) if use_proj else None
 
         n_real = self.n_items - 1
         n_clusters = int(config["n_clusters"] or max(1, round(math.sqrt(n_real))))
@@ -105,6 +115,21 @@ class TwoLevelLLMRec(GenerativeRecommender):
             self.output.set_clusters(self.compute_clusters(self._cluster_input(dataset)))
         self.id_tokens = {f: dataset.field2id_token[f] for f in (config["USER_ID_FIELD"], self.ITEM_ID)}
         self._cache = {}
+
+    def _register_text_tokens(self, config, dataset, tokenizer):
+        """The backbone's own tokens of every item text, ``[n_items, twolevel_text_tokens]`` + mask."""
+        if tokenizer is None:
+            raise ValueError("twolevel_text_input 'tokens' needs a backbone with a tokenizer (llm_path with "
+                             "tokenizer files); the built-in presets have none: use 'embedding'")
+        texts = load_item_texts(config, dataset)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        enc = tokenizer(texts, max_length=int(config["twolevel_text_tokens"]), truncation=True,
+                        padding="max_length", add_special_tokens=False, return_tensors="pt")
+        mask = enc["attention_mask"].bool()
+        mask[0] = False  # the padding item has no text
+        self.register_buffer("item_text_ids", enc["input_ids"], persistent=False)
+        self.register_buffer("item_text_mask", mask, persistent=False)
 
     @staticmethod
     def _option(config, key, choices):
@@ -180,9 +205,15 @@ class TwoLevelLLMRec(GenerativeRecommender):
             choice = torch.randint(0, 3, (B, H), device=items.device)
             id_only = torch.rand(B, device=items.device) < self.id_only_ratio
             choice = choice.masked_fill(id_only.unsqueeze(1), 0)
-            text = self.text_proj(self.item_text_emb[items])
-            slots = torch.stack([text, slots], 2).flatten(1, 2)  # text token before the ID token
-            present = torch.stack([valid & (choice >= 1), valid & (choice != 1)], 2).flatten(1)
+            if self.text_input == "tokens":  # the item's text in the LLM's own tokens
+                text = self.llm.get_input_embeddings()(self.item_text_ids[items])  # [B, H, T, d]
+                text_present = self.item_text_mask[items]
+            else:  # one token: the projected sentence embedding of the text
+                text = self.text_proj(self.item_text_emb[items]).unsqueeze(2)
+                text_present = torch.ones_like(items, dtype=torch.bool).unsqueeze(2)
+            text_present = text_present & (valid & (choice >= 1)).unsqueeze(2)
+            slots = torch.cat([text, slots.unsqueeze(2)], 2).flatten(1, 2)  # text tokens before the ID token
+            present = torch.cat([text_present, (valid & (choice != 1)).unsqueeze(2)], 2).flatten(1)
         # left-align the present tokens, then the placeholder right after them
         order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)
         slots = slots.gather(1, order.unsqueeze(-1).expand_as(slots))
