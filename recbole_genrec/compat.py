@@ -28,12 +28,12 @@ Shims
    ``'float' object has no attribute 'split'``), and ``Dataset._fill_nan`` silently leaves NaNs in
    token and float fields. RecBole's dataset module gets a ``pd`` whose ``read_csv`` fills empty
    sequence cells, and ``_fill_nan`` is replaced by an assignment-based version.
-6. pandas >= 3: ``Series.agg(len)`` returns the length of the Series instead of each element's,
-   so ``Dataset._remap`` splits the remapped ``token_seq`` ids at the wrong points
-   (``ValueError: Length of values (1) does not match length of index``) whenever a
-   ``token_seq`` field such as ml-100k's genres is loaded. ``_remap`` is replaced by a version
-   that takes element lengths with ``Series.map(len)``. (RecBole's ``_normalize`` and
-   ``_discretization`` of ``float_seq`` fields have the same pattern and are not patched yet.)
+6. pandas >= 3: ``Series.agg(len)`` returns the length of the Series instead of each element's.
+   ``Dataset._remap`` (any ``token_seq`` field, e.g. ml-100k's genres), ``_normalize``
+   (``float_seq`` with ``normalize_all``) and ``_discretization`` (``float_seq`` among
+   ``numerical_features``) use it to split concatenated values back per row, and fail with
+   ``ValueError: Length of values (1) does not match length of index``. Those three methods run
+   with ``Series.agg(len)`` answering element-wise, as pandas 2 did, for the duration of the call.
 7. ``recbole/model/sequential_recommender/sine.py`` calls ``torch.autograd.set_detect_anomaly(True)``
    at import time, and importing any RecBole model package imports it: autograd anomaly
    detection (a debugging mode) is then on for the whole process, and every backward pass
@@ -44,6 +44,7 @@ Shims
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 
@@ -150,26 +151,24 @@ def _fill_nan(self) -> None:
                 )
 
 
-def _remap(self, remap_list) -> None:
-    """Shim 6: ``Dataset._remap`` with element-wise sequence lengths (pandas >= 3)."""
-    from recbole.utils import FeatureType
+def _with_elementwise_len_agg(method):
+    """Shim 6: run a ``Dataset`` method with ``Series.agg(len)`` giving each element's length."""
+    original = pd.Series.agg
 
-    if len(remap_list) == 0:
-        return
-    tokens, split_point = self._concat_remaped_tokens(remap_list)
-    new_ids_list, mp = pd.factorize(tokens)
-    new_ids_list = np.split(new_ids_list + 1, split_point)
-    mp = np.array(["[PAD]"] + list(mp))
-    token_id = {t: i for i, t in enumerate(mp)}
-    for (feat, field, ftype), new_ids in zip(remap_list, new_ids_list):
-        if field not in self.field2id_token:
-            self.field2id_token[field] = mp
-            self.field2token_id[field] = token_id
-        if ftype == FeatureType.TOKEN:
-            feat[field] = new_ids
-        elif ftype == FeatureType.TOKEN_SEQ:
-            lengths = feat[field].map(len).to_numpy()
-            feat[field] = pd.Series(np.split(new_ids, np.cumsum(lengths)[:-1]), index=feat.index, dtype=object)
+    def agg(series, func=None, *args, **kwargs):
+        if func is len:
+            return series.map(len)
+        return original(series, func, *args, **kwargs)
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        pd.Series.agg = agg
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            pd.Series.agg = original
+
+    return wrapper
 
 
 def apply() -> None:
@@ -209,7 +208,8 @@ def apply() -> None:
     if getattr(dataset_module, "pd", None) is pd:
         dataset_module.pd = _pandas_with_seq_fill()
     dataset_module.Dataset._fill_nan = _fill_nan
-    dataset_module.Dataset._remap = _remap
+    for name in ("_remap", "_normalize", "_discretization"):
+        setattr(dataset_module.Dataset, name, _with_elementwise_len_agg(getattr(dataset_module.Dataset, name)))
     chained = getattr(pd.errors, "ChainedAssignmentError", None)
     if chained is not None:  # RecBole's remaining no-op in-place fillna is covered by shim 5
         warnings.filterwarnings("ignore", category=chained, module=r"recbole\.data\.dataset\.dataset")

@@ -51,6 +51,28 @@ def test_empty_token_seq_cell_loads_under_pandas3():
     assert np.asarray(data.item_feat["class"][data.field2token_id["item_id"]["1"]]).sum() > 0
 
 
+@pytest.mark.parametrize("setting", [
+    {"normalize_all": True},
+    {"numerical_features": ["vec"]},
+    {"numerical_features": ["vec"], "discretization": {"vec": {"method": "ED", "bucket": 2}}},
+])
+def test_float_seq_fields_normalize_and_discretize_under_pandas3(tmp_path, setting):
+    folder = tmp_path / "fseq"
+    folder.mkdir()
+    (folder / "fseq.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n"
+                                       + "".join(f"{u}\t{i}\t{u * 10 + i}\n" for u in range(1, 4) for i in range(1, 4)))
+    (folder / "fseq.item").write_text("item_id:token\tvec:float_seq\n1\t1 3\n2\t5\n3\t2 4 9\n")
+    config = Config("SASRec", "fseq", config_dict={
+        "data_path": str(tmp_path), "normalize_all": False, **setting,
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "vec"]}})
+    data = create_dataset(config)  # pandas 3 without the shim: a length mismatch while splitting
+    rows = {raw: data.item_feat["vec"][data.field2token_id["item_id"][raw]] for raw in "123"}
+    if "numerical_features" in setting:  # (ones, values) or (values, buckets) pairs per item
+        assert {raw: len(np.asarray(pair[0])) for raw, pair in rows.items()} == {"1": 2, "2": 1, "3": 3}
+    else:  # min-max scaled over all elements, each item keeps its own values
+        assert np.allclose(rows["3"], [1 / 8, 3 / 8, 1.0]) and np.allclose(rows["2"], [0.5])
+
+
 def test_checkpoint_reload_weights_only(ckpt):
     """torch >= 2.6 defaults to weights_only=True; RecBole's reload must still work (#2215)."""
     result = run_recbole_genrec("SASRec", "genrec-tiny", [TINY_YAML], {**ckpt, "epochs": 1}, saved=True)
