@@ -4,7 +4,8 @@
 every other ``--key=value`` overrides the config (RecBole's ``Config`` reads them from argv).
 ``--compare=SASRec,LightGCN,TIGER`` runs several models on one split and writes one table;
 ``--protocol=warm_cold`` (with ``--compare`` or ``--model``) runs SETRec's warm/cold protocol;
-``--protocol=unseen_users`` runs TokenRec's unseen-user protocol.
+``--protocol=unseen_users`` runs TokenRec's unseen-user protocol. ``--nproc``, ``--ip``, ``--port``,
+``--world_size``, ``--group_offset`` start a distributed run as RecBole's ``run_recbole.py`` does.
 """
 
 import argparse
@@ -21,6 +22,11 @@ def main(argv=None):
     parser.add_argument("--protocol", type=str, default=None, choices=[None, "warm_cold", "unseen_users"],
                         help="warm_cold: global time-ordered 8:1:1 split, metrics on all/warm/cold targets; "
                              "unseen_users: TokenRec with 5%% of users kept out of training")
+    parser.add_argument("--nproc", type=int, default=1, help="processes of a distributed run (gloo on CPU, NCCL on GPU)")
+    parser.add_argument("--ip", type=str, default="localhost", help="master address of a distributed run")
+    parser.add_argument("--port", type=str, default="5678", help="master port of a distributed run")
+    parser.add_argument("--world_size", type=int, default=-1, help="processes over all nodes (default nproc)")
+    parser.add_argument("--group_offset", type=int, default=0, help="rank offset of this node's processes")
     args, _ = parser.parse_known_args(argv)
     config_files = args.config_files.strip().split(" ") if args.config_files else None
     if args.protocol == "warm_cold":
@@ -29,7 +35,9 @@ def main(argv=None):
         return run_unseen_users(args.dataset, config_file_list=config_files)
     if args.compare:
         return compare(args.compare, args.dataset, config_file_list=config_files)
-    return run_recbole_genrec(model=args.model, dataset=args.dataset, config_file_list=config_files)
+    return run_recbole_genrec(model=args.model, dataset=args.dataset, config_file_list=config_files,
+                              nproc=args.nproc, world_size=args.world_size, ip=args.ip, port=args.port,
+                              group_offset=args.group_offset)
 
 
 if __name__ == "__main__":

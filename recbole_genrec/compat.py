@@ -40,6 +40,15 @@ Shims
    checks every gradient for NaN and keeps forward stack traces (measured here: a t5-tiny
    training step 2.98 s -> 1.73 s, a qwen2-tiny step 1.41 s -> 0.84 s once it is off). We import
    RecBole's models and restore the anomaly-detection state the process had before.
+8. RecBole's ``AbstractTrainer`` wraps the model in ``DistributedDataParallel(model,
+   device_ids=[local_rank])``, which torch rejects for a CPU module. Its trainer module gets a
+   ``DistributedDataParallel`` that drops ``device_ids`` for CPU modules, so RecBole's own DDP
+   path runs on CPUs with the gloo backend (:meth:`recbole_genrec.config.Config._init_device`).
+   RecBole's ``ensure_dir`` checks for a folder and then creates it, so processes started
+   together race on ``./log`` and the checkpoint folder (``FileExistsError``); its modules get one
+   that tolerates a folder created in between. ``Trainer.evaluate(load_best_model=True)`` makes
+   every rank read the checkpoint only rank 0 writes, named with each process's own clock: the
+   ranks now agree on rank 0's file name and wait for each other before reading it.
 """
 
 from __future__ import annotations
@@ -151,6 +160,37 @@ def _fill_nan(self) -> None:
                 )
 
 
+def _distributed_data_parallel(module, device_ids=None, **kwargs):
+    """Shim 8: ``DistributedDataParallel`` without ``device_ids`` for modules on the CPU."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+    return DistributedDataParallel(module, device_ids=None if on_cpu else device_ids, **kwargs)
+
+
+def _ensure_dir(dir_path) -> None:
+    """Shim 8: RecBole's ``ensure_dir`` without the check-then-create race between processes."""
+    import os
+
+    os.makedirs(dir_path, exist_ok=True)
+
+
+def _evaluate_rank0_checkpoint(evaluate):
+    """Shim 8: ``Trainer.evaluate`` that, in a distributed run, loads rank 0's best checkpoint
+    after rank 0 has written it."""
+
+    @functools.wraps(evaluate)
+    def wrapper(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model and not self.config["single_spec"] and torch.distributed.is_initialized():
+            name = [model_file or self.saved_model_file]
+            torch.distributed.broadcast_object_list(name, src=0)
+            torch.distributed.barrier()
+            model_file = name[0]
+        return evaluate(self, eval_data, load_best_model, model_file, show_progress)
+
+    return wrapper
+
+
 def _with_elementwise_len_agg(method):
     """Shim 6: run a ``Dataset`` method with ``Series.agg(len)`` giving each element's length."""
     original = pd.Series.agg
@@ -218,6 +258,14 @@ def apply() -> None:
         if cls is not None and not hasattr(cls, "_update"):
             cls._update = _dok_update
 
+    trainer_module = importlib.import_module("recbole.trainer.trainer")
+    trainer_module.DistributedDataParallel = _distributed_data_parallel  # shim 8
+    trainer_module.Trainer.evaluate = _evaluate_rank0_checkpoint(trainer_module.Trainer.evaluate)
+    for name in ("recbole.trainer.trainer", "recbole.data.dataset.dataset", "recbole.data.utils",
+                 "recbole.utils", "recbole.utils.logger", "recbole.utils.utils"):
+        module = importlib.import_module(name)
+        if hasattr(module, "ensure_dir"):
+            module.ensure_dir = _ensure_dir
     importlib.import_module("recbole.model.sequential_recommender.sine")  # shim 7
     torch.autograd.set_detect_anomaly(*anomaly)
     _APPLIED = True

@@ -54,6 +54,27 @@ class Config(RecBoleConfig):
             if file.is_file():
                 self._update_internal_config_dict(str(file))
 
+    def _init_device(self):
+        """RecBole's device setup; a distributed run (``local_rank`` set by the spawner) without
+        CUDA joins a gloo process group on the CPU, where RecBole would ask NCCL for GPUs."""
+        import torch
+
+        cfg = self.final_config_dict
+        gpu_id = cfg.get("gpu_id")
+        no_gpu = gpu_id in (None, "", [], ()) or not cfg.get("use_gpu", True) or not torch.cuda.is_available()
+        if "local_rank" not in cfg or not no_gpu:
+            return super()._init_device()
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(
+                backend="gloo", rank=cfg["local_rank"] + cfg.get("offset", 0), world_size=cfg["world_size"],
+                init_method=f"tcp://{cfg['ip']}:{cfg['port']}",
+            )
+        cfg["gpu_id"] = ""
+        cfg["device"] = torch.device("cpu")
+        cfg["single_spec"] = False
+        if cfg["local_rank"] != 0:
+            cfg["state"], cfg["show_progress"], cfg["verbose"] = "error", False, False
+
     def _set_default_parameters(self):
         # RecBole refuses CE-loss sequential models unless the user nulls the negative sampler by
         # hand; a CE model never samples negatives, so do it for them unless they chose otherwise.

@@ -43,13 +43,20 @@ def _prepare(model, dataset, config_file_list, config_dict):
 
 
 def run_recbole_genrec(
-    model=None, dataset=None, config_file_list=None, config_dict=None, saved=True
+    model=None, dataset=None, config_file_list=None, config_dict=None, saved=True,
+    nproc=1, world_size=-1, ip="localhost", port="5678", group_offset=0, queue=None,
 ) -> dict:
     """Train and test ``model`` on ``dataset``; the same result dict as RecBole's ``run_recbole``.
 
     Besides ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result`` and
     ``test_result``, the dict carries ``train_time_s``, ``test_time_s`` and ``model_file``.
+    ``nproc`` / ``world_size`` / ``ip`` / ``port`` / ``group_offset`` are RecBole's distributed
+    arguments: with ``nproc > 1`` that many processes train one model with RecBole's DDP path
+    (NCCL on GPUs, gloo on CPUs) and rank 0's result is returned.
     """
+    if nproc > 1 or world_size > 0:
+        return _run_distributed(model, dataset, config_file_list, config_dict, saved, nproc,
+                                nproc if world_size <= 0 else world_size, ip, port, group_offset)
     config, logger, trainer, train_data, valid_data, test_data = _prepare(
         model, dataset, config_file_list, config_dict
     )
@@ -66,7 +73,7 @@ def run_recbole_genrec(
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
-    return {
+    result = {
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
@@ -75,6 +82,24 @@ def run_recbole_genrec(
         "test_time_s": test_time,
         "model_file": trainer.saved_model_file if saved else None,
     }
+    if queue is not None and config["local_rank"] == 0:
+        queue.put(result)
+    return result
+
+
+def _run_rank(rank, model, dataset, config_file_list, config_dict, saved, queue):
+    run_recbole_genrec(model, dataset, config_file_list, {**config_dict, "local_rank": rank}, saved, queue=queue)
+
+
+def _run_distributed(model, dataset, config_file_list, config_dict, saved, nproc, world_size, ip, port, offset):
+    """RecBole's ``run`` with ``nproc`` spawned processes; returns rank 0's result dict."""
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    config_dict = {**(config_dict or {}), "world_size": world_size, "ip": ip, "port": str(port),
+                   "nproc": nproc, "offset": offset}
+    mp.spawn(_run_rank, args=(model, dataset, config_file_list, config_dict, saved, queue), nprocs=nproc, join=True)
+    return None if queue.empty() else queue.get()
 
 
 def objective_function(config_dict=None, config_file_list=None, saved=True) -> dict:

@@ -290,3 +290,23 @@ def test_lora_freezes_base_and_trains_new_token_rows(preset):
     changed = (after - before).abs().sum(1) > 0
     assert changed[start:start + 4].all()  # new rows that were used moved
     assert not changed[:start].any()  # base rows are frozen
+
+
+# ----- distributed (RecBole's DDP path, gloo on CPU) ---------------------------------------------
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("model, extra", [("SASRec", {}),
+                                          ("TwoLevelLLMRec", {"cf_epochs": 2, "cf_hidden_size": 16})])
+def test_two_process_ddp_on_cpu(tmp_path, model, extra):
+    result = run_recbole_genrec(model, "genrec-tiny", [TINY_YAML],
+                                {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 1, **extra},
+                                nproc=2, port=_free_port())
+    assert result is not None and "ndcg@10" in result["test_result"]
+    assert os.path.isfile(result["model_file"])  # written by rank 0, read back by both ranks
+    assert not list((tmp_path / "saved").glob("*.tmp*"))  # no temporary file left behind

@@ -102,7 +102,7 @@ def _fit_best(config, cf_config, cf_model, train_data, valid_data, show_progress
     name = cf_config["model"]
     trainer = Trainer(cf_config, cf_model)
     trainer.saved_model_file = os.path.join(
-        config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-cf-{name}.tmp.pth")
+        config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-cf-{name}-rank{config['local_rank']}.tmp.pth")
     _, best = trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=False)
     checkpoint = torch.load(trainer.saved_model_file, map_location=config["device"], weights_only=False)
     cf_model.load_state_dict(checkpoint["state_dict"])
