@@ -301,8 +301,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("model, extra", [("SASRec", {}),
-                                          ("TwoLevelLLMRec", {"cf_epochs": 2, "cf_hidden_size": 16})])
+@pytest.mark.parametrize("model, extra", [
+    ("SASRec", {}),
+    ("TwoLevelLLMRec", {"cf_epochs": 2, "cf_hidden_size": 16}),  # a CF stage each rank trains alone
+    ("SETRec", {"cf_epochs": 1, "cf_hidden_size": 16, "n_sem": 2, "setrec_beta_grid": [0.0, 1.0]}),  # DDP CF stage
+])
 def test_two_process_ddp_on_cpu(tmp_path, model, extra):
     result = run_recbole_genrec(model, "genrec-tiny", [TINY_YAML],
                                 {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 1, **extra},

@@ -96,17 +96,27 @@ def train_cf_model(config, train_data, valid_data, model_name="SASRec", override
 
 def _fit_best(config, cf_config, cf_model, train_data, valid_data, show_progress):
     """RecBole's ``Trainer.fit`` with early stopping on ``valid_data``; the best epoch's weights are
-    loaded back and the temporary checkpoint removed. Returns the model in eval mode."""
+    loaded back and the temporary checkpoint removed. Returns the model in eval mode.
+
+    In a distributed run (``cf_config`` distributed) rank 0 writes the checkpoint and every rank
+    reads it; a CF model trained by each rank on its own gets a file per rank."""
     from recbole.trainer import Trainer
 
     name = cf_config["model"]
+    shared = not cf_config["single_spec"] and torch.distributed.is_initialized()
+    suffix = "" if shared else f"-rank{config['local_rank']}"
     trainer = Trainer(cf_config, cf_model)
     trainer.saved_model_file = os.path.join(
-        config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-cf-{name}-rank{config['local_rank']}.tmp.pth")
+        config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-cf-{name}{suffix}.tmp.pth")
     _, best = trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=False)
+    if shared:
+        torch.distributed.barrier()  # rank 0 has written the best checkpoint
     checkpoint = torch.load(trainer.saved_model_file, map_location=config["device"], weights_only=False)
     cf_model.load_state_dict(checkpoint["state_dict"])
-    os.remove(trainer.saved_model_file)
+    if shared:
+        torch.distributed.barrier()  # every rank has read it
+    if not shared or config["local_rank"] == 0:
+        os.remove(trainer.saved_model_file)
     getLogger().info(f"CF model {name}: best valid {dict(best or {})}")
     return cf_model.eval()
 

@@ -49,6 +49,7 @@ class SETRecTrainer(StagedTrainer):
         result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         if valid_data is None or not (self.model.use_cf and self.model.use_sem):
             return result
+        self.wait_for_rank0()
         if saved and os.path.isfile(self.saved_model_file):
             checkpoint = torch.load(self.saved_model_file, map_location=self.device, weights_only=False)
             self.model.load_state_dict(checkpoint["state_dict"])

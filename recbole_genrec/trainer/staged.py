@@ -38,6 +38,19 @@ class StagedTrainer(Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.stage_files = {}
+        if self.distributed:  # every rank uses the checkpoint name rank 0 writes
+            name = [self.saved_model_file]
+            torch.distributed.broadcast_object_list(name, src=0)
+            self.saved_model_file = name[0]
+
+    @property
+    def distributed(self) -> bool:
+        return not self.config["single_spec"] and torch.distributed.is_initialized()
+
+    def wait_for_rank0(self) -> None:
+        """In a distributed run, return once every rank (rank 0's checkpoint writes included) is here."""
+        if self.distributed:
+            torch.distributed.barrier()
 
     # ----- stages ----------------------------------------------------------------------
     def stage_config(self, stage: str) -> dict:
