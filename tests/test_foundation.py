@@ -305,6 +305,7 @@ def _free_port():
     ("SASRec", {}),
     ("TwoLevelLLMRec", {"cf_epochs": 2, "cf_hidden_size": 16}),  # a CF stage each rank trains alone
     ("SETRec", {"cf_epochs": 1, "cf_hidden_size": 16, "n_sem": 2, "setrec_beta_grid": [0.0, 1.0]}),  # DDP CF stage
+    ("TIGER", {"tokenizer_epochs": 5}),  # parameters frozen by a stage leave the DDP reducer
 ])
 def test_two_process_ddp_on_cpu(tmp_path, model, extra):
     result = run_recbole_genrec(model, "genrec-tiny", [TINY_YAML],

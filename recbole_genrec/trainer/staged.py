@@ -38,14 +38,23 @@ class StagedTrainer(Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.stage_files = {}
-        if self.distributed:  # every rank uses the checkpoint name rank 0 writes
-            name = [self.saved_model_file]
-            torch.distributed.broadcast_object_list(name, src=0)
-            self.saved_model_file = name[0]
+        self.saved_model_file = self.from_rank0(self.saved_model_file)  # the file rank 0 writes
 
     @property
     def distributed(self) -> bool:
         return not self.config["single_spec"] and torch.distributed.is_initialized()
+
+    @property
+    def is_rank0(self) -> bool:
+        return not self.distributed or self.config["local_rank"] == 0
+
+    def from_rank0(self, obj):
+        """``obj`` as rank 0 has it (unchanged when not distributed)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     def wait_for_rank0(self) -> None:
         """In a distributed run, return once every rank (rank 0's checkpoint writes included) is here."""
@@ -84,7 +93,7 @@ class StagedTrainer(Trainer):
             )
             self.stage_files[stage] = path
             stage_cfg = self.stage_config(stage)
-            if self.config["resume_stages"] and os.path.isfile(path):
+            if self.from_rank0(self.config["resume_stages"] and os.path.isfile(path)):
                 saved = torch.load(path, map_location=self.device, weights_only=False)
                 self.model.load_stage_state_dict(stage, saved["state"])
                 results[stage] = saved.get("metrics", {})
@@ -94,11 +103,16 @@ class StagedTrainer(Trainer):
                 start = time.perf_counter()
                 metrics = self.model.train_stage(stage, train_data, valid_data, stage_cfg, show_progress) or {}
                 metrics = {**metrics, "time_s": round(time.perf_counter() - start, 2)}
-                atomic_torch_save(
-                    {"stage": stage, "fingerprint": fingerprint, "metrics": metrics,
-                     "state": self.model.stage_state_dict(stage)},
-                    path,
-                )
+                if self.distributed:  # every rank continues from rank 0's result of the stage
+                    state = self.from_rank0(self.model.stage_state_dict(stage) if self.is_rank0 else None)
+                    if not self.is_rank0:
+                        self.model.load_stage_state_dict(stage, state)
+                if self.is_rank0:
+                    atomic_torch_save(
+                        {"stage": stage, "fingerprint": fingerprint, "metrics": metrics,
+                         "state": self.model.stage_state_dict(stage)},
+                        path,
+                    )
                 results[stage] = metrics
                 self.logger.info(set_color(f"stage [{stage}]", "green") + f" done: {metrics}; saved {path}")
             previous.append(fingerprint)
@@ -107,8 +121,13 @@ class StagedTrainer(Trainer):
     # ----- recommender stage -----------------------------------------------------------
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self.stage_results = self.run_stages(train_data, valid_data, show_progress)
-        # stages may freeze modules: optimise only what is still trainable
+        # stages may freeze modules: optimise (and, distributed, synchronise) only what is still trainable
         self.optimizer = self._build_optimizer(params=[p for p in self.model.parameters() if p.requires_grad])
+        if self.distributed:
+            from recbole.trainer import trainer as recbole_trainer
+
+            self.distributed_model = recbole_trainer.DistributedDataParallel(
+                self.model, device_ids=[self.config["local_rank"]])
         self.logger.info(set_color("stage [recommender]", "green") + f" training for {self.epochs} epochs")
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
 
