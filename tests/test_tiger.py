@@ -208,31 +208,131 @@ def test_tiger_on_renamed_fields(tmp_path):
     assert "ndcg@10" in result["test_result"]
 
 
-def test_letter_regularisers_change_the_codes(tmp_path):
-    """LETTER's CF and diversity losses are wired in: same data and seed, different codes."""
-    from recbole_genrec.config import Config
-    from recbole_genrec.model.letter import LETTER
-    from recbole_genrec.utils import create_dataset
+def _letter_tokenizer(tmp_path, cf_weight, div_weight, epochs=15, patch=None):
+    """LETTER's cf + tokenizer stages on genrec-tiny; ``patch(model)`` may alter the model first."""
     from recbole.data import data_preparation
     from recbole.utils import init_seed
 
-    codes = {}
-    for name, weights in {"plain": (0.0, 0.0), "letter": (1.0, 0.1)}.items():
-        config = Config("LETTER", "genrec-tiny", [TINY_YAML],
-                        {"checkpoint_dir": str(tmp_path), "cf_weight": weights[0], "div_weight": weights[1],
-                         "div_groups": 2, "rq_levels": 2, "cf_epochs": 1})
-        init_seed(config["seed"], True)
-        data = create_dataset(config)
-        train, valid, _ = data_preparation(config, data)
-        init_seed(config["seed"], True)
-        model = LETTER(config, train._dataset)
-        model.train_stage("cf", train, valid, {"epochs": 1, "learning_rate": 1e-3, "batch_size": 64})
-        assert model.cf_item_emb[1:].abs().sum() > 0
-        init_seed(config["seed"], True)
-        model.train_stage("tokenizer", train, valid, {"epochs": 15, "learning_rate": 5e-3, "batch_size": 64})
-        codes[name] = model.item_codes.clone()
-        assert len(torch.unique(model.item_codes[1:], dim=0)) == model.n_items - 1
-    assert not torch.equal(codes["plain"], codes["letter"])
+    from recbole_genrec.config import Config
+    from recbole_genrec.model.letter import LETTER
+    from recbole_genrec.utils import create_dataset
+
+    config = Config("LETTER", "genrec-tiny", [TINY_YAML],
+                    {"checkpoint_dir": str(tmp_path), "cf_weight": cf_weight, "div_weight": div_weight,
+                     "div_groups": 2, "rq_levels": 2, "cf_epochs": 1})
+    init_seed(config["seed"], True)
+    data = create_dataset(config)
+    train, valid, _ = data_preparation(config, data)
+    init_seed(config["seed"], True)
+    model = LETTER(config, train._dataset)
+    init_seed(config["seed"], True)
+    model.train_stage("cf", train, valid, {"epochs": 1, "learning_rate": 1e-3, "batch_size": 64})
+    assert model.cf_item_emb[1:].abs().sum() > 0
+    if patch:
+        patch(model)
+    init_seed(config["seed"], True)
+    model.train_stage("tokenizer", train, valid, {"epochs": epochs, "learning_rate": 5e-3, "batch_size": 64})
+    assert len(torch.unique(model.item_codes[1:], dim=0)) == model.n_items - 1
+    return model.item_codes.clone()
+
+
+def test_collaborative_loss_alone_reaches_every_encoder_layer():
+    """LETTER Eq. 2 must move the encoder (code assignment), not only the codebooks."""
+    model = RQVAE(24, hidden=(32, 16), e_dim=8, levels=2, codebook_size=4)
+    x = clustered()[:32]
+    model.init_codebooks(clustered())
+    out = model(x)
+    cf = torch.randn(32, 8)
+    model.collaborative_loss(out["z_st"], cf).backward()
+    linears = [m for m in model.encoder if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3
+    for layer in linears:
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    assert torch.allclose(out["z_st"], out["z_q"], atol=1e-6)  # forward value is the quantised latent
+
+
+def test_train_rq_vae_feeds_the_collaborative_loss_a_latent_with_an_encoder_path(monkeypatch):
+    grads = []
+    original = RQVAE.collaborative_loss
+
+    def spy(latent, cf_emb):
+        loss = original(latent, cf_emb)
+        first = spy.model.encoder[0].weight
+        grads.append(torch.autograd.grad(loss, first, retain_graph=True, allow_unused=True)[0])
+        return loss
+
+    model = RQVAE(24, hidden=(32,), e_dim=8, levels=2, codebook_size=4)
+    spy.model = model
+    monkeypatch.setattr(RQVAE, "collaborative_loss", staticmethod(spy))
+    train_rq_vae(model, clustered(), epochs=1, cf_emb=torch.randn(320, 8), cf_weight=1.0, log_every=1000)
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_diversity_loss_anchor_is_the_assigned_codeword_and_generator_device_is_checked():
+    model = RQVAE(24, hidden=(32,), e_dim=8, levels=2, codebook_size=8)
+    x = clustered()
+    model.init_codebooks(x)
+    model.update_code_groups(2, generator=torch.Generator().manual_seed(0))
+    out = model(x[:64])
+    g = torch.Generator(device=out["codewords"].device).manual_seed(0)
+    model.diversity_loss(out["codewords"], out["codes"], generator=g).backward()
+    # the anchor is e_{c_l}: the loss moves codebooks only, never the encoder
+    assert model.codebooks.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.encoder.parameters())
+    with pytest.raises(ValueError, match="generator"):  # a CPU generator for tensors elsewhere
+        model.diversity_loss(out["codewords"].detach().to("meta"), out["codes"], generator=g)
+
+
+def test_train_rq_vae_draws_diversity_positives_on_the_data_device(monkeypatch):
+    seen = []
+    original = RQVAE.diversity_loss
+
+    def spy(self, codewords, codes, tau=1.0, generator=None):
+        seen.append((torch.device(generator.device).type, codewords.device.type))
+        return original(self, codewords, codes, tau=tau, generator=generator)
+
+    monkeypatch.setattr(RQVAE, "diversity_loss", spy)
+    model = RQVAE(24, hidden=(32,), e_dim=8, levels=2, codebook_size=8)
+    train_rq_vae(model, clustered(), epochs=1, div_weight=0.1, div_groups=2, log_every=1000)
+    assert seen and all(a == b for a, b in seen)
+
+
+def test_sinkhorn_survives_a_wide_cost_range():
+    """Float32 exp(-c / eps) underflows to all-zero rows (argmax 0); log-space float64 does not."""
+    from recbole_genrec.quantize.kmeans import sinkhorn
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 64, 16
+    best = torch.arange(n) % k
+    cost = torch.rand(n, k, generator=g) * 1e4 + 50.0  # a wide range of costs
+    cost[torch.arange(n), best] = torch.rand(n, generator=g) * 1e-2  # each row has a clear favourite
+    plan = sinkhorn(cost, 0.003)
+    assert torch.isfinite(plan).all()
+    assert torch.allclose(plan.sum(1), torch.ones(n), atol=1e-2)
+    assert torch.allclose(plan.sum(0), torch.full((k,), n / k), atol=1e-3)
+    assert torch.equal(plan.argmax(1), best)  # the assignment follows the costs
+
+
+def test_letter_regularisers_act_through_their_gradients(tmp_path, monkeypatch):
+    """Each regulariser changes the codes through its gradient alone: the same run with the
+    regulariser's value detached (same RNG consumption, zero gradient) equals the run without it."""
+    base = _letter_tokenizer(tmp_path / "a", 0.0, 0.0)
+
+    def detached(name):
+        original = getattr(RQVAE, name)
+
+        def patch(model):
+            inert = lambda *a, **k: original(*a, **k).detach()  # noqa: E731
+            static = isinstance(RQVAE.__dict__[name], staticmethod)
+            monkeypatch.setattr(RQVAE, name, staticmethod(inert) if static else inert)
+        return patch
+
+    for name, weights in {"collaborative_loss": (1.0, 0.0), "diversity_loss": (0.0, 0.5)}.items():
+        active = _letter_tokenizer(tmp_path / name, *weights)
+        inert = _letter_tokenizer(tmp_path / f"{name}-inert", *weights, patch=detached(name))
+        monkeypatch.undo()
+        assert torch.equal(inert, base), name  # no gradient -> the same training as without it
+        assert not torch.equal(active, inert), name
 
 
 def test_letter_end_to_end(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -58,16 +60,20 @@ def constrained_kmeans(x: torch.Tensor, k: int, iters: int = 5, generator=None) 
     return balanced_assign(x, centroids)
 
 
-def sinkhorn(cost: torch.Tensor, epsilon: float, iters: int = 50) -> torch.Tensor:
+def sinkhorn(cost: torch.Tensor, epsilon: float, iters: int = 100) -> torch.Tensor:
     """Entropic optimal transport plan between rows (uniform) and columns (uniform) of ``cost``.
 
-    Used to balance the last-level assignment (LETTER): ``argmax`` of the plan per row.
+    Used to balance the last-level assignment (LETTER): ``argmax`` of the plan per row. The costs
+    are centred and scaled to [-1, 1] (as LETTER's ``center_distance_for_constraint``) and the
+    iterations run in log-space in float64, so a small ``epsilon`` or a wide cost range cannot
+    underflow to all-zero rows. Returns ``[n, k]`` whose rows sum to 1 and columns to ``n / k``.
     """
-    cost = cost / cost.max().clamp(min=1e-12)
-    q = torch.exp(-cost / epsilon).T  # [k, n]
-    q = q / q.sum()
-    k, n = q.shape
+    c = cost.double()
+    middle = (c.max() + c.min()) / 2
+    c = (c - middle) / (c.max() - middle).clamp(min=1e-12)
+    log_q = -c / epsilon
+    n, k = log_q.shape
     for _ in range(iters):
-        q = q / q.sum(1, keepdim=True).clamp(min=1e-30) / k
-        q = q / q.sum(0, keepdim=True).clamp(min=1e-30) / n
-    return (q * n).T
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(n)  # rows: 1/n each
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(k)  # columns: 1/k each
+    return (log_q + math.log(n)).exp().to(cost.dtype)

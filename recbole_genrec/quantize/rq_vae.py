@@ -9,12 +9,17 @@ Loss (TIGER, Rajput et al. 2023, Sec. 3.1): ||x - x_hat||^2 + sum_l ||sg[r_l] - 
 decoder. Codebooks are initialised by k-means on the first encoder outputs (per level, on the
 residuals) and unused codes are re-seeded from random residuals after each epoch.
 
-LETTER (Wang et al. 2024) adds, weighted by ``cf_weight`` and ``div_weight``:
-- collaborative regularisation: in-batch softmax between the quantised latent z_q and the
-  item's frozen CF embedding (dot-product logits, the positive is the item itself);
-- diversity regularisation: each level's codewords are grouped by size-constrained k-means;
-  a residual's positive is a random *other* codeword of its code's group, in a softmax over the
-  level's codewords (own code masked), temperature ``div_tau``.
+LETTER (Wang et al. 2024, Sec. 3.1) adds, weighted by ``cf_weight`` and ``div_weight``:
+- collaborative regularisation (Eq. 2): in-batch softmax between the quantised latent and the
+  item's frozen CF embedding (dot-product logits, the positive is the item itself). The latent is
+  the straight-through one, z + sg[z_q - z] (as in LETTER's code), so this loss moves the
+  *encoder* and hence the code assignment; a plain sum of codewords would only move codebooks;
+- diversity regularisation (Eq. 3): each level's codewords are grouped by size-constrained k-means;
+  the anchor is the item's assigned codeword e_{c_l} (LETTER's ``diversity_loss`` uses the selected
+  embedding, not the residual), its positive a random *other* codeword of the same group, in a
+  softmax over the level's codewords (own code masked), temperature ``div_tau``. The positive is
+  drawn with a generator on the tensors' device, separate from the training order's generator, so
+  switching a regulariser on does not change which batches or initialisations are drawn.
 """
 
 from __future__ import annotations
@@ -53,20 +58,24 @@ class RQVAE(nn.Module):
         # LETTER diversity: codeword groups per level (-1: not computed)
         self.register_buffer("code_groups", torch.full((levels, codebook_size), -1, dtype=torch.long))
 
-    def quantize(self, z):
-        """Return ``z_q [n, e]``, ``codes [n, L]``, ``residuals [L, n, e]`` and the codebook loss."""
+    def quantize(self, z, return_codewords=False):
+        """Return ``z_q [n, e]``, ``codes [n, L]``, ``residuals [L, n, e]`` and the codebook loss
+        (and, with ``return_codewords``, the selected codewords ``[L, n, e]``, differentiable
+        w.r.t. the codebooks)."""
         residual, z_q = z, torch.zeros_like(z)
-        codes, residuals, vq_loss = [], [], z.new_zeros(())
+        codes, residuals, codewords, vq_loss = [], [], [], z.new_zeros(())
         for level in range(self.levels):
             book = self.codebooks[level]
             idx = torch.cdist(residual, book).argmin(1)
             e = book[idx]
             vq_loss = vq_loss + F.mse_loss(e, residual.detach()) + self.beta * F.mse_loss(residual, e.detach())
             residuals.append(residual)
+            codewords.append(e)
             codes.append(idx)
             z_q = z_q + e
             residual = residual - e.detach()
-        return z_q, torch.stack(codes, 1), torch.stack(residuals), vq_loss
+        out = (z_q, torch.stack(codes, 1), torch.stack(residuals), vq_loss)
+        return (*out, torch.stack(codewords)) if return_codewords else out
 
     def standardise(self, x):
         return (x - self.x_mean) / self.x_std
@@ -76,9 +85,10 @@ class RQVAE(nn.Module):
 
     def forward(self, x):
         z = self.encode(x)
-        z_q, codes, residuals, vq_loss = self.quantize(z)
-        x_hat = self.decoder(z + (z_q - z).detach())  # straight-through estimator
-        return {"z": z, "z_q": z_q, "codes": codes, "residuals": residuals,
+        z_q, codes, residuals, vq_loss, codewords = self.quantize(z, return_codewords=True)
+        z_st = z + (z_q - z).detach()  # straight-through estimator: forward z_q, gradient to z
+        x_hat = self.decoder(z_st)
+        return {"z": z, "z_q": z_q, "z_st": z_st, "codes": codes, "residuals": residuals, "codewords": codewords,
                 "recon_loss": F.mse_loss(x_hat, self.standardise(x)), "vq_loss": vq_loss}
 
     @torch.no_grad()
@@ -119,10 +129,11 @@ class RQVAE(nn.Module):
 
     # ----- LETTER regularisers -------------------------------------------------------------
     @staticmethod
-    def collaborative_loss(z_q, cf_emb):
-        """LETTER's collaborative alignment: in-batch softmax, the item's own CF row positive."""
-        logits = z_q @ cf_emb.T
-        return F.cross_entropy(logits, torch.arange(len(z_q), device=z_q.device))
+    def collaborative_loss(z_st, cf_emb):
+        """LETTER's collaborative alignment (Eq. 2): in-batch softmax of the straight-through
+        quantised latent ``z_st`` against frozen CF rows, the item's own row positive."""
+        logits = z_st @ cf_emb.T
+        return F.cross_entropy(logits, torch.arange(len(z_st), device=z_st.device))
 
     @torch.no_grad()
     def update_code_groups(self, n_groups: int, generator=None):
@@ -131,11 +142,15 @@ class RQVAE(nn.Module):
             self.code_groups[level] = constrained_kmeans(self.codebooks[level].detach(), n_groups,
                                                          generator=generator)
 
-    def diversity_loss(self, residuals, codes, tau=1.0, generator=None):
-        """Pull each residual towards another codeword of its code's group (LETTER Sec. 3.1)."""
+    def diversity_loss(self, codewords, codes, tau=1.0, generator=None):
+        """LETTER Eq. 3: pull each assigned codeword ``codewords [L, n, e]`` towards another codeword
+        of its group. ``generator`` must live on the tensors' device (a clear error otherwise)."""
         if (self.code_groups < 0).any():
-            return residuals.new_zeros(())
-        loss = residuals.new_zeros(())
+            return codewords.new_zeros(())
+        if generator is not None and torch.device(generator.device).type != codewords.device.type:
+            raise ValueError(f"diversity_loss: the generator is on {generator.device} but the codewords are on "
+                             f"{codewords.device}; create it with torch.Generator(device=codewords.device)")
+        loss = codewords.new_zeros(())
         for level in range(self.levels):
             groups = self.code_groups[level]
             own = codes[:, level]
@@ -146,7 +161,7 @@ class RQVAE(nn.Module):
                 continue
             weights = same[has_peer].float()
             positive = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-            logits = residuals[level][has_peer] @ self.codebooks[level].T / tau
+            logits = codewords[level][has_peer] @ self.codebooks[level].T / tau
             logits = logits.masked_fill(F.one_hot(own[has_peer], self.codebook_size).bool(), float("-inf"))
             loss = loss + F.cross_entropy(logits, positive)
         return loss / self.levels
@@ -179,7 +194,11 @@ def train_rq_vae(model: RQVAE, x: torch.Tensor, epochs=100, lr=1e-3, batch_size=
     collaborative and diversity regularisers.
     """
     logger = getLogger()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # initialisation, batch order, dead codes
+    # the diversity regulariser draws from its own generators, so switching it on leaves the
+    # initialisation, batch order and dead-code draws unchanged
+    div_generator = torch.Generator(device=x.device).manual_seed(seed + 1)  # positives
+    group_generator = torch.Generator().manual_seed(seed + 2)  # codeword groups (k-means on CPU tensors)
     if not bool(model.initialised):
         model.init_codebooks(x, generator=generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -192,7 +211,7 @@ def train_rq_vae(model: RQVAE, x: torch.Tensor, epochs=100, lr=1e-3, batch_size=
     for epoch in epoch_iter:
         model.train()
         if div_weight > 0:
-            model.update_code_groups(div_groups, generator=generator)
+            model.update_code_groups(div_groups, generator=group_generator)
         order = torch.randperm(len(x), generator=generator)
         total, parts = 0.0, {"recon": 0.0, "vq": 0.0, "cf": 0.0, "div": 0.0}
         for start in range(0, len(x), batch_size):
@@ -202,11 +221,11 @@ def train_rq_vae(model: RQVAE, x: torch.Tensor, epochs=100, lr=1e-3, batch_size=
             parts["recon"] += float(out["recon_loss"]) * len(idx)
             parts["vq"] += float(out["vq_loss"]) * len(idx)
             if cf_weight > 0 and cf_emb is not None:
-                cf = model.collaborative_loss(out["z_q"], cf_emb[idx])
+                cf = model.collaborative_loss(out["z_st"], cf_emb[idx])
                 loss = loss + cf_weight * cf
                 parts["cf"] += float(cf) * len(idx)
             if div_weight > 0:
-                div = model.diversity_loss(out["residuals"], out["codes"], tau=div_tau, generator=generator)
+                div = model.diversity_loss(out["codewords"], out["codes"], tau=div_tau, generator=div_generator)
                 loss = loss + div_weight * div
                 parts["div"] += float(div) * len(idx)
             optimizer.zero_grad()
