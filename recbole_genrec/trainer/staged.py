@@ -7,16 +7,17 @@ A model declares ``stages`` (e.g. ``("cf", "tokenizer")``) and implements
 ``<stage>_epochs``, ``<stage>_learning_rate`` and ``<stage>_batch_size`` from the config, logs
 through RecBole's logger, and is checkpointed to
 ``<checkpoint_dir>/<Model>-<dataset>-<stage>-<fingerprint>.pth``. With ``resume_stages`` a stage
-whose checkpoint exists with the same fingerprint (signature, stage config, seed, dataset and the
-fingerprints of the stages before it) is loaded instead of trained. The final "recommender"
+whose checkpoint exists with the same fingerprint is loaded instead of trained. The fingerprint
+covers everything that produced the stage (:mod:`recbole_genrec.fingerprint`): the content of the
+dataset's atomic files and the settings that decide the training data (split ``eval_args``,
+filters, columns, ``data_path``), the model's signature and stage config, the seed, the code of
+the package, and the fingerprints of the stages before it. The final "recommender"
 stage is RecBole's own ``fit``/``evaluate``; every checkpoint is written to a temporary file
 and renamed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 
@@ -25,6 +26,7 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 
 from recbole_genrec.atomic import atomic_write
+from recbole_genrec.fingerprint import code_fingerprint, data_fingerprint, digest
 
 STAGE_KEYS = ("epochs", "learning_rate", "batch_size")
 
@@ -74,14 +76,15 @@ class StagedTrainer(Trainer):
         payload = {
             "model": self.config["model"],
             "dataset": self.config["dataset"],
+            "data": data_fingerprint(self.config),
+            "code": code_fingerprint(),
             "seed": self.config["seed"],
             "stage": stage,
             "stage_config": self.stage_config(stage),
             "signature": self.model.stage_signature(stage),
             "previous": previous,
         }
-        blob = json.dumps(payload, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return digest(payload)
 
     def run_stages(self, train_data, valid_data=None, show_progress=False) -> dict:
         """Train (or resume) every declared stage in order; return ``{stage: metrics}``."""
