@@ -16,6 +16,7 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_genrec.config import Config
 from recbole_genrec.atomic import atomic_write_text
+from recbole_genrec.evaluation import install_history_mask
 from recbole_genrec.utils import create_dataset, get_model, get_trainer
 
 # Leave-one-out in time order, full ranking: RecBole's sequential protocol, used for every model
@@ -39,6 +40,8 @@ def _prepare(model, dataset, config_file_list, config_dict):
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    if config["eval_mask_history"]:
+        install_history_mask(trainer, train_data, valid_data, test_data)
     return config, logger, trainer, train_data, valid_data, test_data
 
 
@@ -217,7 +220,9 @@ def warm_items(train_dataset) -> torch.Tensor:
 def subset_loader(loader, rows: torch.Tensor):
     """The evaluation loader restricted to the interactions ``rows`` (a bool mask)."""
     dataset = loader._dataset.copy(loader._dataset.inter_feat[rows.nonzero().flatten()])
-    return type(loader)(loader.config, dataset, loader._sampler, shuffle=False)
+    subset = type(loader)(loader.config, dataset, loader._sampler, shuffle=False)
+    subset.history_split = getattr(loader, "history_split", None)  # eval_mask_history applies to it too
+    return subset
 
 
 @contextlib.contextmanager
