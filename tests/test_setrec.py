@@ -110,6 +110,69 @@ def test_new_item_is_scored_through_its_text(tmp_path):
     assert torch.allclose(known, full[:, 1:3], atol=1e-5)  # the same grounding as the catalogue
 
 
+@pytest.mark.parametrize("overrides", [{}, {"setrec_use_cf": False}])
+def test_generation_loss_is_the_mean_of_per_dimension_cross_entropy(tmp_path, overrides):
+    # Eq. 6 as in the official code (one CrossEntropyLoss(reduction="mean") over all queries' rows)
+    model, train, _ = build(tmp_path, alpha=0.0, **overrides)
+    model.eval()  # no dropout: both computations see the same generated tokens
+    batch = first_batch(train, 16)
+    with torch.no_grad():
+        gen, rec = model.calculate_loss(batch)
+        tokens = model.item_tokens()
+        out = model.generate_tokens(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], tokens)
+    used = [0, 1, 2] if not overrides else [1, 2]
+    target = batch[model.POS_ITEM_ID] - 1
+    per_dim = [torch.nn.functional.cross_entropy(out[:, k] @ tokens[1:, k].T, target) for k in used]
+    assert float(rec) == 0.0
+    assert float(gen) == pytest.approx(float(sum(per_dim)) / len(used), rel=1e-5)
+
+
+def test_grounding_sums_the_semantic_scores(tmp_path):
+    # Eq. 7 as in the official code: weights [1 - beta, beta, ..., beta] on the 1 + n_sem scores
+    model, train, _ = build(tmp_path)
+    model.eval()
+    model.beta.fill_(0.3)
+    batch = first_batch(train)
+    with torch.no_grad():
+        tokens = model.item_tokens()
+        out = model.generate_tokens(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], tokens)
+        got = model.ground(out, tokens)
+    cf = out[:, 0] @ tokens[:, 0].T
+    sem = sum(out[:, k] @ tokens[:, k].T for k in range(1, 1 + model.n_sem))
+    assert model.n_sem == 2
+    assert torch.allclose(got, 0.7 * cf + 0.3 * sem, atol=1e-5)
+
+
+def test_cold_item_is_scored_through_its_text_alone(tmp_path):
+    config = Config("SETRec", "genrec-tiny", [TINY_YAML], {"checkpoint_dir": str(tmp_path), **SMALL})
+    init_seed(config["seed"], True)
+    train, _, _ = data_preparation(config, create_dataset(config))
+    inter = train._dataset.inter_feat
+    seq_field = config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"]
+    in_row = lambda item: (inter["item_id"] == item) | (inter[seq_field] == item).any(1)  # noqa: E731
+    counts = torch.stack([in_row(i).sum() for i in range(1, train._dataset.item_num)])
+    cold = int(counts.argmin()) + 1  # the rarest item; dropping its rows leaves it unseen in training
+    cold_train = train._dataset.copy(inter[(~in_row(cold)).nonzero().flatten()])
+    init_seed(config["seed"], True)
+    model = SETRec(config, cold_train)
+    model.cf_item_emb.normal_(generator=torch.Generator().manual_seed(0))
+    warm = int(inter["item_id"][~in_row(cold)][0])
+    batch = inter[in_row(cold).nonzero().flatten()[:6]]  # these users' histories contain the cold item
+    model.eval()
+    with torch.no_grad():
+        base = model.full_sort_predict(batch)
+        model.cf_item_emb[cold] += 10 * torch.randn(model.cf_item_emb.shape[1])
+        model.eval()  # drops the cached catalogue tokens
+        after_cold = model.full_sort_predict(batch)
+        model.cf_item_emb[warm] += 10 * torch.randn(model.cf_item_emb.shape[1])
+        model.eval()
+        after_warm = model.full_sort_predict(batch)
+    assert torch.equal(after_cold, base)  # the cold item's SASRec row is never read
+    assert not torch.allclose(after_warm[:, warm], base[:, warm])  # a warm item's row is
+    assert not model.warm_item[cold] and model.warm_item[warm] and not model.warm_item[0]
+    assert "warm_item" in model.state_dict()  # saved with the checkpoint
+
+
 @pytest.mark.parametrize("flag", ["setrec_use_cf", "setrec_use_sem", "setrec_learn_queries", "setrec_sparse_mask"])
 def test_every_ablation_changes_the_computation(tmp_path, flag):
     model, train, _ = build(tmp_path, llm_preset="qwen2-tiny")
@@ -129,12 +192,56 @@ def test_every_ablation_changes_the_computation(tmp_path, flag):
         assert not torch.allclose(a[:, 1:], b[:, 1:])
 
 
-def test_setrec_end_to_end_save_reload_and_beta_on_validation(tmp_path):
+def test_setrec_end_to_end_save_reload_and_beta_on_validation(tmp_path, monkeypatch):
+    from recbole.trainer import Trainer
+
+    from recbole_genrec.model.setrec import SETRecTrainer
+    from recbole_genrec.trainer import StagedTrainer
+
+    # spies: which loader every evaluate() call gets, and in which phase of SETRecTrainer.fit
+    phase, seen, calls = ["train"], {}, []
+    orig_fit, orig_staged_fit, orig_eval = SETRecTrainer.fit, StagedTrainer.fit, SETRecTrainer.evaluate
+
+    def fit(self, train_data, valid_data=None, *args, **kwargs):
+        seen["valid"] = valid_data
+        out = orig_fit(self, train_data, valid_data, *args, **kwargs)
+        phase[0] = "test"
+        return out
+
+    def staged_fit(self, *args, **kwargs):  # SETRecTrainer.fit's super().fit: training proper
+        out = orig_staged_fit(self, *args, **kwargs)
+        phase[0] = "sweep"
+        return out
+
+    def evaluate(self, loader, *args, **kwargs):
+        out = orig_eval(self, loader, *args, **kwargs)
+        calls.append((phase[0], loader, float(self.model.beta), out))
+        return out
+
+    monkeypatch.setattr(SETRecTrainer, "fit", fit)
+    monkeypatch.setattr(StagedTrainer, "fit", staged_fit)
+    monkeypatch.setattr(SETRecTrainer, "evaluate", evaluate)
+    grid = SMALL["setrec_beta_grid"]
     result = run_recbole_genrec("SETRec", "genrec-tiny", [TINY_YAML],
-                                {"checkpoint_dir": str(tmp_path), **SMALL, "epochs": 2}, saved=True)
+                                {"checkpoint_dir": str(tmp_path), **SMALL, "epochs": 2,
+                                 "setrec_beta": 0.37}, saved=True)  # a default outside the grid
     assert "ndcg@10" in result["test_result"]
+    sweep = [c for c in calls if c[0] == "sweep"]
+    assert [c[2] for c in sweep] == grid  # the sweep ran over the whole grid ...
+    assert all(c[1] is seen["valid"] for c in sweep)  # ... on the validation loader only
+    assert [c[0] for c in calls].count("test") == 1 and calls[-1][1] is not seen["valid"]
     config, model, data, train, valid, test = load_data_and_model(result["model_file"])
-    assert float(model.beta) in SMALL["setrec_beta_grid"]
+    chosen = float(model.beta)
+    assert chosen in grid
+    # recompute the validation scores of every beta with RecBole's plain Trainer
+    model.eval()
+    scores = []
+    for beta in grid:
+        model.beta.fill_(beta)
+        scores.append(Trainer(config, model).evaluate(valid, load_best_model=False)[config["valid_metric"].lower()])
+    assert scores == pytest.approx([c[3][config["valid_metric"].lower()] for c in sweep])
+    assert scores[grid.index(chosen)] == max(scores)
+    model.beta.fill_(chosen)
     _, model2, *_ = load_data_and_model(result["model_file"])
     model.eval(), model2.eval()
     batch = first_batch(test, 8)

@@ -16,10 +16,14 @@ only itself and the encoded history, so their positions do not matter) or append
 backbones (each query sees the whole history and itself). No autoregressive loop.
 
 Training (Eq. 6, 8): per query a softmax over that dimension's token corpus (inner products with
-the tokens of every item), summed over queries, plus ``alpha`` x the autoencoder's reconstruction
-loss (Eq. 4). Grounding (Eq. 7): score = (1 - beta) * CF score + beta * mean semantic score over all
-items; ``beta`` is chosen on the validation data after training (``SETRecTrainer``), never on test.
-Items unseen in training get semantic tokens from their text, so they can be recommended.
+the tokens of every item), **averaged** over the queries in use as in the official code (one
+``CrossEntropyLoss(reduction="mean")`` over all queries' rows), plus ``alpha`` x the autoencoder's
+reconstruction loss (Eq. 4). Grounding (Eq. 7): score = (1 - beta) * CF score + beta * **sum** of the
+``n_sem`` semantic scores (the official weights ``[1 - beta, beta, ..., beta]``); ``beta`` is chosen
+on the validation data after training (``SETRecTrainer``), never on test.
+Items unseen in training (cold, ``warm_item`` buffer) are scored through their text alone: their CF
+token is the zero-CF one (``cf_proj(0)``), never their untrained SASRec row. (The official code uses
+the SASRec rows of all items.)
 
 Ablations (Sec. 4.3.1): ``setrec_use_cf``, ``setrec_use_sem``, ``setrec_learn_queries`` (False:
 random frozen queries) and ``setrec_sparse_mask`` (False: the original causal mask with
@@ -94,6 +98,9 @@ class SETRec(GenerativeRecommender):
         text_emb = self.item_text_embeddings(config, dataset)
         self.register_buffer("item_text_emb", text_emb, persistent=False)
         self.register_buffer("cf_item_emb", torch.zeros(self.n_items, config["cf_hidden_size"]))
+        from recbole_genrec.quick_start import warm_items  # (quick_start imports the model registry)
+
+        self.register_buffer("warm_item", warm_items(dataset))  # [n_items] bool, saved with the checkpoint
         self.cf_proj = nn.Linear(config["cf_hidden_size"], d)
         self.sem_tokenizer = SetTokenizer(text_emb.shape[1], d, max(self.n_sem, 1), tuple(config["ae_hidden"]))
         self.n_query = 1 + self.n_sem
@@ -129,9 +136,11 @@ class SETRec(GenerativeRecommender):
 
     # ----- tokens ---------------------------------------------------------------------
     def item_tokens(self, text_emb=None, cf_emb=None):
-        """Set identifiers of items: ``[N, 1 + n_sem, d]`` (CF token first). Defaults: all items."""
+        """Set identifiers of items: ``[N, 1 + n_sem, d]`` (CF token first). Defaults: all items, with
+        zero CF embeddings for items unseen in training (``warm_item``)."""
         text_emb = self.item_text_emb if text_emb is None else text_emb
-        cf_emb = self.cf_item_emb if cf_emb is None else cf_emb
+        if cf_emb is None:
+            cf_emb = self.cf_item_emb * self.warm_item.unsqueeze(1).to(self.cf_item_emb.dtype)
         cf = self.cf_proj(cf_emb).unsqueeze(1)
         sem = self.sem_tokenizer(text_emb)[:, : self.n_sem]
         tokens = torch.cat([cf, sem], 1)
@@ -218,21 +227,24 @@ class SETRec(GenerativeRecommender):
         return torch.einsum("bqd,nqd->bqn", generated, tokens)
 
     def calculate_loss(self, interaction):
+        """Eq. 8: (mean over used dimensions of the Eq. 6 CE, ``alpha`` x Eq. 4 reconstruction)."""
         tokens = self.item_tokens()
         generated = self.generate_tokens(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], tokens)
         logits = self.dimension_scores(generated, tokens)[:, :, 1:]  # column 0 is padding
         target = interaction[self.POS_ITEM_ID] - 1
         used = self._slot_mask().nonzero().flatten().tolist()
-        gen_loss = sum(F.cross_entropy(logits[:, k], target) for k in used)
+        # averaged like the official T54Rec.forward (one mean CE over n_query x B rows), not summed
+        gen_loss = torch.stack([F.cross_entropy(logits[:, k], target) for k in used]).mean()
         items = torch.unique(torch.cat([interaction[self.ITEM_SEQ].flatten(), interaction[self.POS_ITEM_ID]]))
         items = items[items > 0]
         rec_loss = self.sem_tokenizer.reconstruction_loss(self.item_text_emb[items])
         return gen_loss, self.alpha * rec_loss
 
     def ground(self, generated, tokens):
-        """Eq. 7: (1 - beta) * CF score + beta * mean semantic score, for every item."""
+        """Eq. 7: (1 - beta) * CF score + beta * sum of the n_sem semantic scores, for every item
+        (official weights ``[1 - beta, beta, ..., beta]`` in ``model_t5.py`` ``T54Rec.predict``)."""
         scores = self.dimension_scores(generated, tokens)
-        cf, sem = scores[:, 0], scores[:, 1:].mean(1) if self.n_sem else scores[:, 0] * 0
+        cf, sem = scores[:, 0], scores[:, 1:].sum(1)
         if not self.use_sem:
             return cf
         if not self.use_cf:
