@@ -31,7 +31,7 @@ def dict_trie(sequences):
 
 
 def hf_generate(model, batch, beam, trie, start):
-    ids, mask = model.encoder_inputs(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    ids, mask = model.model_inputs(batch)
 
     def allowed(_, prefix):
         node = trie

@@ -83,7 +83,7 @@ def main():
     users = sum(len(b) for b in batches)
 
     def bare(batch):  # one encoder pass + one decoder step of the same T5 on TIGER's inputs
-        ids, mask = tiger.encoder_inputs(batch[tiger.ITEM_SEQ], batch[tiger.ITEM_SEQ_LEN])
+        ids, mask = tiger.model_inputs(batch)
         start = torch.zeros(len(ids), 1, dtype=torch.long)
         tiger.llm(input_ids=ids, attention_mask=mask, decoder_input_ids=start, use_cache=False)
 

@@ -341,3 +341,24 @@ def test_letter_end_to_end(tmp_path):
                                  "div_groups": 2},
                                 saved=True)
     assert "ndcg@10" in result["test_result"]
+
+
+def test_tiger_hashed_user_token_is_prepended_and_trained(tmp_path):
+    """Sec. 3.2: the hashed user token opens the encoder input and receives gradient."""
+    from recbole_genrec.quick_start import _prepare
+
+    _, _, trainer, train, _, _ = _prepare("TIGER", "genrec-tiny", [TINY_YAML],
+                                          {"checkpoint_dir": str(tmp_path), "tiger_user_tokens": 8,
+                                           "tokenizer_epochs": 2})
+    model = trainer.model
+    trainer.run_stages(train)
+    batch = next(iter(train))
+    users = batch[model.USER_ID]
+    ids, _ = model.model_inputs(batch)
+    lo = model.user_token_offset
+    assert torch.equal(ids[:, 0], model.user_token[users])
+    assert ((ids[:, 0] >= lo) & (ids[:, 0] < lo + 8)).all() and not ((ids[:, 1:] >= lo) & (ids[:, 1:] < lo + 8)).any()
+    assert len(torch.unique(model.user_token[1:])) > 1  # users spread over buckets
+    model.calculate_loss(batch).backward()
+    grad = model.llm.get_input_embeddings().weight.grad
+    assert grad[torch.unique(ids[:, 0])].abs().sum(1).gt(0).all()

@@ -82,7 +82,7 @@ class LETTER(TIGER):
 
     def calculate_loss(self, interaction):
         """Ranking-guided generation loss: token CE on logits / ``gen_temperature``."""
-        ids, mask = self.encoder_inputs(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        ids, mask = self.model_inputs(interaction)
         labels = self.item_codes[interaction[self.POS_ITEM_ID]].contiguous()
         logits = self.llm(input_ids=ids, attention_mask=mask, decoder_input_ids=self._shifted(labels)).logits
         return F.cross_entropy((logits / self.gen_temperature).flatten(0, 1), labels.flatten())

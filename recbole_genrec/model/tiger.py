@@ -12,9 +12,14 @@ beam search (:mod:`recbole_genrec.decoding`) that can only emit existing items;
 ``full_sort_predict`` returns ``[B, n_items]`` scores that are ``-inf`` except the decoded items,
 which carry their sequence log-probabilities. ``exact_scores`` gives every item's
 log-likelihood (slow; to check the beam search on small catalogs).
+
+``tiger_user_tokens: N`` (0 = off, the default; the paper uses 2000) prepends the hashed user
+token of Sec. 3.2: the raw user id is hashed (md5) into one of N extra vocabulary tokens.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 import torch.nn.functional as F
@@ -53,21 +58,34 @@ class TIGER(GenerativeRecommender):
             levels=self.levels, codebook_size=self.codebook_size, beta=config["rq_beta"],
         )
         n_code_tokens = self.depth * self.codebook_size
-        backbone = backbone_from_config(config, vocab_size=2 + n_code_tokens)
+        self.n_user_tokens = int(config["tiger_user_tokens"] or 0)
+        n_new = n_code_tokens + self.n_user_tokens
+        backbone = backbone_from_config(config, vocab_size=2 + n_new)
         if not backbone.is_encoder_decoder:
             raise ValueError(f"{type(self).__name__} needs an encoder-decoder (T5) backbone, got {backbone.family}")
         if config["llm_path"] or config["llm_preset"] == "smollm2-135m":
-            self.token_offset = add_new_tokens(backbone, n_code_tokens)
+            self.token_offset = add_new_tokens(backbone, n_new)
         else:
             self.token_offset = 2
+        self.USER_ID = config["USER_ID_FIELD"]
+        self.user_token_offset = self.token_offset + n_code_tokens
+        self.register_buffer("user_token", self.hashed_user_tokens(dataset), persistent=False)
         if config["use_lora"]:
-            new_ids = range(self.token_offset, self.token_offset + n_code_tokens)
+            new_ids = range(self.token_offset, self.token_offset + n_new)
             backbone = apply_lora(backbone, config["lora_r"], config["lora_alpha"], config["lora_dropout"], new_ids)
         self.llm = backbone.model
         self.pad_id = self.llm.config.pad_token_id if self.llm.config.pad_token_id is not None else PAD
         self.eos_id = self.llm.config.eos_token_id if self.llm.config.eos_token_id is not None else EOS
         self.register_buffer("item_codes", torch.zeros(self.n_items, self.depth, dtype=torch.long))
         self._trie = None
+
+    def hashed_user_tokens(self, dataset) -> torch.Tensor:
+        """``[n_users]`` token id of each user's hash bucket (Sec. 3.2); all -1 when off."""
+        raw = dataset.field2id_token[self.USER_ID]
+        if not self.n_user_tokens:
+            return torch.full((len(raw),), -1, dtype=torch.long)
+        buckets = [int(hashlib.md5(str(r).encode()).hexdigest(), 16) % self.n_user_tokens for r in raw]
+        return self.user_token_offset + torch.tensor(buckets, dtype=torch.long)
 
     # ----- tokenizer stage -------------------------------------------------------------
     def train_stage(self, stage, train_data, valid_data, stage_config, show_progress=False):
@@ -123,23 +141,32 @@ class TIGER(GenerativeRecommender):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ----- recommender -----------------------------------------------------------------
-    def encoder_inputs(self, item_seq, item_len):
-        """``input_ids [B, S]`` and ``attention_mask``: history code tokens then ``</s>``."""
+    def encoder_inputs(self, item_seq, item_len, users=None):
+        """``input_ids [B, S]`` and ``attention_mask``: [hashed user token,] history code tokens,
+        ``</s>``."""
         items, valid = self.last_items(item_seq, item_len, self.history)
         tokens = self.item_codes[items].masked_fill(~valid.unsqueeze(-1), self.pad_id)
         ids = tokens.reshape(len(items), -1)
+        if self.n_user_tokens:
+            if users is None:
+                raise ValueError("tiger_user_tokens needs the user id field in the interaction")
+            ids = torch.cat([self.user_token[users].unsqueeze(1), ids], 1)
         ids = torch.cat([ids, torch.full_like(ids[:, :1], self.eos_id)], 1)
         mask = ids != self.pad_id
         keep = mask.any(0)  # drop columns that are padding for every row
         return ids[:, keep], mask[:, keep].long()
 
+    def model_inputs(self, interaction):
+        users = interaction[self.USER_ID] if self.USER_ID in interaction else None
+        return self.encoder_inputs(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], users)
+
     def calculate_loss(self, interaction):
-        ids, mask = self.encoder_inputs(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        ids, mask = self.model_inputs(interaction)
         labels = self.item_codes[interaction[self.POS_ITEM_ID]].contiguous()
         return self.llm(input_ids=ids, attention_mask=mask, labels=labels).loss
 
     def _encode(self, interaction):
-        ids, mask = self.encoder_inputs(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        ids, mask = self.model_inputs(interaction)
         hidden = self.llm.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         return hidden, mask
 
