@@ -2,13 +2,14 @@
 
     python benchmarks/two_level_softmax.py [--items 200000] [--dim 64] [--batch 256]
 
-Training: one forward + backward of the output layer for a batch (full softmax over every item,
-Eq. 1, vs the two-level loss over the clusters and the target's cluster, Eq. 2-4). Inference: the
-top-k of the same two-level model by exact scoring of every item (Eq. 4), by hierarchical pruning
-(Eq. 6, exact) and by faiss MIPS over ``e + centroid`` (flat and HNSW). The catalogue is synthetic:
-items scattered around ``sqrt(N)`` true centres, users near one centre, centroids at the centres;
-the LLM is left out (its cost is the same for every method). Prints times and ratios side by side,
-and each method's top-k overlap with the exact top-k.
+Times the model's own item side (``TwoLevelLLMRec.output_layer``: ``E_I``, projection head, output
+layer; the LLM is left out, its cost is the same for every method). Training: one forward + backward
+of :meth:`output_loss` for a batch, projection included: the full softmax projects every item (Eq. 1),
+the two-level loss the members of the batch's target clusters once (Eq. 2-4, Sec. 4.3.1). Inference
+(eval mode, projected items cached as in the model): exact scoring of every item (Eq. 4), hierarchical
+pruning (Eq. 6, exact) and faiss MIPS over ``e + centroid`` (flat, HNSW). The catalogue is synthetic:
+item embeddings scattered around ``sqrt(N)`` true centres, centroids at the centres' projections, users
+near one of them. Prints times and ratios side by side from one run, and top-k overlap with exact.
 """
 
 import argparse
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recbole_genrec.decoding.two_level_softmax import TwoLevelSoftmax, faiss_mips_index, faiss_search  # noqa: E402
+from recbole_genrec.decoding.two_level_softmax import faiss_mips_index, faiss_search  # noqa: E402
+from recbole_genrec.model.two_level import TwoLevelLLMRec  # noqa: E402
 
 
 def best_of(fn, repeats):
@@ -37,7 +39,9 @@ def best_of(fn, repeats):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--items", type=int, default=200_000)
-    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=64, help="LLM width d")
+    parser.add_argument("--item-dim", type=int, default=64, help="item embedding width (E_I)")
+    parser.add_argument("--proj-hidden", type=int, default=128)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--clusters", type=int, default=None, help="default round(sqrt(items))")
     parser.add_argument("--k", type=int, default=10)
@@ -48,60 +52,67 @@ def main():
     N, d, B = args.items + 1, args.dim, args.batch  # row 0 is the padding item, as in RecBole
     K = args.clusters or round(args.items ** 0.5)
 
-    centres = F.normalize(torch.randn(K, d), dim=-1) * 3
+    models = {s: TwoLevelLLMRec.output_layer(N, K, d, args.item_dim, args.proj_hidden, softmax=s)
+              for s in ("full", "two_level")}
+    two = models["two_level"]
+    centres = F.normalize(torch.randn(K, args.item_dim), dim=-1) * 3
     true_cluster = torch.randint(0, K, (N,))
-    items = torch.nn.Parameter(centres[true_cluster] + torch.randn(N, d))
-    head = TwoLevelSoftmax(N, K, d)
-    head.set_clusters(true_cluster[1:])
     with torch.no_grad():
-        head.cluster_emb.weight.copy_(centres)
-    users = centres[torch.randint(0, K, (B,))] + 0.5 * torch.randn(B, d)
+        two.item_embedding.weight.copy_(centres[true_cluster] + torch.randn(N, args.item_dim))
+        two.output.set_clusters(true_cluster[1:])
+        last = two.item_proj[-1]  # scale the projection so projected centres have norm ~3
+        scale = 3 / two.item_proj(centres).norm(dim=-1).mean()
+        last.weight.mul_(scale), last.bias.mul_(scale)
+        two.output.cluster_emb.weight.copy_(two.item_proj(centres))
+        models["full"].load_state_dict(two.state_dict())  # the same item side in both
+        users = two.item_proj(centres[torch.randint(0, K, (B,))]) + 0.5 * torch.randn(B, d)
     h = torch.nn.Parameter(users.clone())
     target = torch.randint(1, N, (B,))
+    touched = int(torch.isin(two.output.cluster_of[1:], two.output.cluster_of[target].unique()).sum())
 
-    def full_step():
-        loss = F.cross_entropy(h @ items[1:].T, target - 1)
-        loss.backward()
+    def step(model):
+        loss = model.output_loss(h, target)
+        (sum(loss) if isinstance(loss, tuple) else loss).backward()
 
-    def two_level_step():
-        sum(head.loss(h, target, lambda ids: items[ids])).backward()
+    rows = [("train: full softmax (Eq. 1)", best_of(lambda: step(models["full"]), args.repeats), None),
+            ("train: two-level softmax (Eq. 4)", best_of(lambda: step(two), args.repeats), None)]
 
+    two.eval()
     with torch.no_grad():
-        exact_top = head.log_probs(users, items)[:, 1:].topk(args.k, dim=1).indices + 1
-        struct_items, _, visited = head.structure_topk(users, items, args.k)
-    flat = faiss_mips_index(head.ann_keys(items.detach())[1:], "flat")
-    start = time.perf_counter()
-    hnsw = faiss_mips_index(head.ann_keys(items.detach())[1:], "hnsw")
-    hnsw_build = time.perf_counter() - start
+        vectors = two.item_vectors()  # cached in eval mode, as the model's inference uses them
+        exact_top = two.log_probs(users)[:, 1:].topk(args.k, dim=1).indices + 1
+        struct_items, _, visited = two.output.structure_topk(users, vectors, args.k)
+        two.ann_index()  # the model's faiss flat index, built once
+        start = time.perf_counter()
+        hnsw = faiss_mips_index(two.output.ann_keys(vectors)[1:], "hnsw")
+        hnsw_build = time.perf_counter() - start
 
-    def overlap(found):
-        return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, exact_top)) / exact_top.numel()
+        def overlap(found):
+            return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, exact_top)) / exact_top.numel()
 
-    rows = [
-        ("train: full softmax", best_of(full_step, args.repeats), None),
-        ("train: two-level softmax", best_of(two_level_step, args.repeats), None),
-    ]
-    with torch.no_grad():
         rows += [
             ("infer: exact two-level (all items)",
-             best_of(lambda: head.log_probs(users, items).topk(args.k, dim=1), args.repeats), 1.0),
+             best_of(lambda: two.log_probs(users).topk(args.k, dim=1), args.repeats), 1.0),
             ("infer: structure (Eq. 6 pruning)",
-             best_of(lambda: head.structure_topk(users, items, args.k), args.repeats), overlap(struct_items)),
-            ("infer: ANN faiss flat", best_of(lambda: faiss_search(flat, users, args.k, 1), args.repeats),
-             overlap(faiss_search(flat, users, args.k, 1)[0])),
+             best_of(lambda: two.output.structure_topk(users, vectors, args.k), args.repeats), overlap(struct_items)),
+            ("infer: ANN faiss flat", best_of(lambda: two.ann_topk(users, args.k), args.repeats),
+             overlap(two.ann_topk(users, args.k)[0])),
             ("infer: ANN faiss HNSW", best_of(lambda: faiss_search(hnsw, users, args.k, 1), args.repeats),
              overlap(faiss_search(hnsw, users, args.k, 1)[0])),
         ]
-    print(f"items {args.items}, clusters {K} (sizes {head.stats()['min_size']}-{head.stats()['max_size']}), "
-          f"dim {d}, batch {B}, top-{args.k}, torch threads {torch.get_num_threads()}")
-    print(f"structure visited {visited.float().mean():.1f} of {K} clusters per user on average; "
-          f"HNSW build {hnsw_build:.1f} s")
+    stats = two.output.stats()
+    print(f"items {args.items}, clusters {K} (sizes {stats['min_size']}-{stats['max_size']}), d {d}, "
+          f"E_I {args.item_dim} -> {args.proj_hidden} -> {d}, batch {B}, top-{args.k}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"rows projected per training step: full {N}, two-level {touched} (the batch's target clusters); "
+          f"structure visited {visited.float().mean():.1f} of {K} clusters per user; HNSW build {hnsw_build:.1f} s")
     print(f"{'method':38s} {'ms/batch':>10s} {'ratio':>8s} {'top-k overlap':>14s}")
     base = {"train": rows[0][1], "infer": rows[2][1]}
     for name, seconds, ov in rows:
         ratio = base[name.split(":")[0]] / seconds
         print(f"{name:38s} {seconds * 1e3:10.2f} {ratio:7.2f}x {'' if ov is None else f'{ov:14.3f}'}")
-    print("ratio = time of the full softmax (train) or of exact scoring (infer) / time of the row")
+    print("ratio = time of the full softmax (train) or of exact scoring (infer) / time of the row; "
+          "training times include the item projection")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from recbole.data import data_preparation
 from recbole.utils import init_seed
 
@@ -30,6 +31,24 @@ def batch_of(loader, n=16):
     batch = next(iter(loader))
     inter = batch[0] if isinstance(batch, tuple) else batch
     return inter[torch.arange(min(n, len(inter)))]
+
+
+WORDS = ["[PAD]", "[UNK]", "movie_title", "class", ":", ";", "Action", "Comedy", "Drama", "Horror"]
+
+
+def qwen2_with_tokenizer(tmp_path):
+    """A tiny Qwen2 saved with a WordLevel tokenizer over ``WORDS``: a backbone with a text vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from recbole_genrec.llm.backbone import build_backbone
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "qwen2-with-tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
+    build_backbone("qwen2-tiny", len(WORDS)).model.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -190,18 +209,7 @@ def test_lora_freezes_the_llm_and_trains_the_item_side(tmp_path):
 
 
 def test_item_text_enters_as_the_backbones_own_tokens_with_llm_path(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from recbole_genrec.llm.backbone import build_backbone
-
-    words = ["[PAD]", "[UNK]", "movie_title", "class", ":", ";", "Action", "Comedy", "Drama", "Horror"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    path = tmp_path / "qwen2-with-tokenizer"
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
-    build_backbone("qwen2-tiny", len(words)).model.save_pretrained(path)
-
+    path = qwen2_with_tokenizer(tmp_path)
     model, train, _ = build(tmp_path, llm_path=str(path), id_only_ratio=0.0, twolevel_text_tokens=6,
                             cluster_source="text")
     assert model.text_input == "tokens" and model.text_proj is None
@@ -219,3 +227,95 @@ def test_item_text_enters_as_the_backbones_own_tokens_with_llm_path(tmp_path):
     assert grad[used].abs().sum() > 0  # the text went through the LLM's own embedding table
     with pytest.raises(ValueError, match="tokenizer"):
         build(tmp_path, twolevel_text_input="tokens")  # presets have no tokenizer
+
+
+def test_text_tokens_are_output_clusters_and_labels_are_sampled_in_training(tmp_path):
+    """Sec. 4.2: one cluster per text token, centroid = its LLM embedding; Sec. 3.4: the label as
+    ID, text or both while training; inference ID-only."""
+    model, train, _ = build(tmp_path, llm_path=str(qwen2_with_tokenizer(tmp_path)), id_only_ratio=0.0,
+                            twolevel_text_tokens=6, n_clusters=5)
+    K, V = 5, len(WORDS)
+    assert model.output.n_clusters == K and model.output.cluster_count == K + V
+    batch = batch_of(train, 32)
+    seq, length, target = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], batch[model.POS_ITEM_ID]
+    ids, mask = model.item_text_ids, model.item_text_mask
+    assert mask[target].any(1).all()  # every label has text
+    E_V = model.llm.get_input_embeddings().weight
+
+    model.train()
+    torch.manual_seed(0)
+    h, tokens, is_text = model.label_states(batch)
+    assert is_text.any() and (~is_text).any()  # labels as text and as IDs
+    assert model.output.cluster_log_probs(h, model.text_centroids()).shape == (len(h), K + V)
+
+    # history ID-only, labels text-only: the loss is on the label's text tokens, each its own cluster
+    model._presentation = lambda B, H, device: torch.cat([torch.zeros(B, H), torch.ones(B, 1)], 1).long()
+    h, tokens, is_text = model.label_states(batch)
+    assert is_text.all() and torch.equal(tokens, ids[target][mask[target]])
+    cluster_loss, item_loss = model.calculate_loss(batch)
+    used = torch.bincount(model.output.cluster_of[1:], minlength=K) > 0
+    logits = torch.cat([(h @ model.output.cluster_emb.weight.T).masked_fill(~used, float("-inf")), h @ E_V.T], 1)
+    expected = -logits.log_softmax(-1).gather(1, (K + tokens).unsqueeze(1)).mean()
+    assert torch.allclose(cluster_loss, expected, atol=1e-5) and item_loss == 0
+    inputs, att, n, (label, _, count) = model.sequence_inputs(seq, length, target)
+    rows = torch.arange(len(n))
+    assert torch.equal(n, length.clamp(max=model.max_seq_length)) and torch.equal(att.sum(1), n + count)
+    two = count >= 2
+    assert two.any() and torch.allclose(inputs[rows, n + 1][two], E_V[label[:, 0]][two])  # teacher forcing
+    model.softmax_type = "full"  # Eq. 1 over items and text tokens
+    full = model.calculate_loss(batch)
+    scores = torch.cat([h @ model.item_vectors()[1:].T, h @ E_V.T], 1)
+    assert torch.allclose(full, F.cross_entropy(scores, model.n_items - 1 + tokens), atol=1e-5)
+    model.softmax_type = "two_level"
+
+    # label sampling only in training, and not for the ID-only share
+    model.eval()
+    h, tokens, is_text = model.label_states(batch)
+    assert torch.equal(tokens, target) and not is_text.any() and len(h) == len(target)
+    del model._presentation
+    model.train()
+    model.id_only_ratio = 1.0
+    assert torch.equal(model.label_states(batch)[1], target)
+
+    # inference: ID inputs only, items ranked in one step
+    model.eval()
+    inputs, att, n = model.history_inputs(seq, length)
+    assert torch.equal(n, length.clamp(max=model.max_seq_length)) and torch.equal(att.sum(1), n + 1)
+    with torch.no_grad():
+        scores = model.full_sort_predict(batch)
+    assert scores.shape == (len(target), model.n_items)
+    assert torch.allclose(scores.exp().sum(1), torch.ones(len(target)), atol=1e-5)  # P(item | h, an item)
+
+
+def test_two_level_loss_projects_each_target_cluster_member_once(tmp_path):
+    """Sec. 4.3.1: the members of the batch's target clusters go through the projection once; loss and
+    gradients equal the per-example formulation (each row's own cluster projected)."""
+    model, train, _ = build(tmp_path, n_clusters=6, metadata_sampling=False)
+    model.eval()  # the same h in both computations
+    batch = batch_of(train, 32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    projected = []
+    hook = model.item_proj.register_forward_hook(lambda m, args, out: projected.append(args[0].shape[:-1].numel()))
+    loss = sum(model.calculate_loss(batch))
+    hook.remove()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+
+    target = batch[model.POS_ITEM_ID]
+    cluster_of = model.output.cluster_of
+    h = model.user_state(batch)
+    used = torch.bincount(cluster_of[1:], minlength=6) > 0
+    log_pc = (h @ model.output.cluster_emb.weight.T).masked_fill(~used, float("-inf")).log_softmax(-1)
+    expected = 0
+    for b, t in enumerate(target.tolist()):
+        own = (cluster_of == cluster_of[t]).nonzero().flatten()
+        own = own[own > 0]
+        log_p = (model.item_proj(model.item_embedding(own)) @ h[b]).log_softmax(-1)
+        expected = expected - log_pc[b, cluster_of[t]] - log_p[own == t].squeeze()
+    expected = expected / len(target)
+    expected_grads = torch.autograd.grad(expected, params, allow_unused=True)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    for g, e in zip(grads, expected_grads):
+        assert (g is None) == (e is None) and (g is None or torch.allclose(g, e, atol=1e-6))
+
+    members = torch.isin(cluster_of[1:], cluster_of[target].unique()).sum().item()
+    assert projected == [len(target) * model.max_seq_length, members]  # history, then each member once

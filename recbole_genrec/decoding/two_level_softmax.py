@@ -7,7 +7,10 @@ embeddings. With ``h [B, d]`` an LLM output and ``e [N, d]`` the item vectors:
 - ``P(t | c, h) = softmax over the items of c of h . e_t`` (Eq. 3);
 - ``P(t | h) = P(c(t) | h) P(t | c(t), h)`` (Eq. 4).
 
-:meth:`loss` needs the vectors of the target clusters' items only (Sec. 4.3.1); :meth:`structure_topk`
+Text tokens (``n_text``, a backbone with a tokenizer) are clusters of their own whose centroid is the
+token's LLM embedding (Sec. 4.2), so ``P(v | h) = P(c_v | h)``; they are passed in as ``text_centroids``.
+
+:meth:`loss` projects each member of the batch's target clusters once (Sec. 4.3.1); :meth:`structure_topk`
 finds the exact top-k with the bound ``P(t | h) <= P(c(t) | h)`` (Eq. 6); :meth:`ann_keys` gives the
 vectors ``e_t + centroid_{c(t)}`` whose maximum inner products with ``h`` approximate the ranking
 (Sec. 4.3.2, the per-cluster partition function dropped).
@@ -23,9 +26,9 @@ from torch import nn
 
 
 class TwoLevelSoftmax(nn.Module):
-    def __init__(self, n_items: int, n_clusters: int, dim: int):
+    def __init__(self, n_items: int, n_clusters: int, dim: int, n_text: int = 0):
         super().__init__()
-        self.n_items, self.n_clusters = n_items, n_clusters
+        self.n_items, self.n_clusters, self.n_text = n_items, n_clusters, n_text  # item clusters, text tokens
         self.cluster_emb = nn.Embedding(n_clusters, dim)  # centroid embeddings (Eq. 2)
         nn.init.normal_(self.cluster_emb.weight, std=0.02)
         self.register_buffer("cluster_of", torch.zeros(n_items, dtype=torch.long))
@@ -65,23 +68,48 @@ class TwoLevelSoftmax(nn.Module):
         return {"clusters": int(len(used)), "min_size": int(used.min()), "max_size": int(used.max()),
                 "mean_size": round(float(used.float().mean()), 1)}
 
-    def cluster_log_probs(self, h: torch.Tensor) -> torch.Tensor:
-        """``log P(c | h)`` (Eq. 2), ``[B, K]``; clusters without items get ``-inf``."""
-        used = self.index()[3]
-        return (h @ self.cluster_emb.weight.T).masked_fill(~used, float("-inf")).log_softmax(-1)
+    @property
+    def cluster_count(self) -> int:
+        """``|C|``: the item clusters and one cluster per text token (Sec. 4.2)."""
+        return self.n_clusters + self.n_text
 
-    def loss(self, h: torch.Tensor, target: torch.Tensor, item_vectors: Callable[[torch.Tensor], torch.Tensor]):
-        """``(-log P(c(t) | h), -log P(t | c(t), h))`` averaged over the batch; ``item_vectors(ids)``
-        is called on the target clusters' items only."""
+    def cluster_log_probs(self, h: torch.Tensor, text_centroids: torch.Tensor | None = None) -> torch.Tensor:
+        """``log P(c | h)`` (Eq. 2), ``[B, K]``, or ``[B, K + n_text]`` with the text tokens' clusters
+        (``text_centroids [n_text, d]``); clusters without items get ``-inf``. Without text centroids
+        the softmax is over item clusters: ``P(c | h, the next token is an item)``."""
+        used = self.index()[3]
+        logits = (h @ self.cluster_emb.weight.T).masked_fill(~used, float("-inf"))
+        if text_centroids is not None:
+            logits = torch.cat([logits, h @ text_centroids.T], 1)
+        return logits.log_softmax(-1)
+
+    def loss(self, h: torch.Tensor, target: torch.Tensor, item_vectors: Callable[[torch.Tensor], torch.Tensor],
+             text_centroids: torch.Tensor | None = None, is_text: torch.Tensor | None = None):
+        """``(-log P(c(t) | h), -log P(t | c(t), h))`` summed over the targets ``t`` and divided by their
+        number (their sum is the mean ``-log P(t | h)``, Eq. 4). ``target`` are item ids, or text token
+        ids where ``is_text`` (``P(t | c_t, h) = 1``). ``item_vectors(ids)`` is called once, on the
+        members of the batch's unique target clusters; each row's logits index into them (Sec. 4.3.1)."""
         members, member_mask, slot_of, _ = self.index()
-        cluster = self.cluster_of[target]
-        cluster_loss = F.nll_loss(self.cluster_log_probs(h), cluster)
-        own = members[cluster]
-        logits = torch.einsum("bd,bmd->bm", h, item_vectors(own)).masked_fill(~member_mask[cluster], float("-inf"))
-        return cluster_loss, F.cross_entropy(logits, slot_of[target])
+        is_text = torch.zeros_like(target, dtype=torch.bool) if is_text is None else is_text
+        item = ~is_text
+        cluster = torch.where(is_text, self.n_clusters + target, self.cluster_of[target.masked_fill(is_text, 0)])
+        log_pc = self.cluster_log_probs(h, text_centroids)
+        cluster_loss = -log_pc.gather(1, cluster.unsqueeze(1)).sum() / len(h)
+        if not item.any():
+            return cluster_loss, cluster_loss.new_zeros(())
+        h, target, cluster = h[item], target[item], cluster[item]
+        unique, inverse = torch.unique(cluster, return_inverse=True)
+        sizes = member_mask[unique].sum(1)
+        vectors = item_vectors(members[unique][member_mask[unique]])  # [sum(sizes), d], cluster by cluster
+        cols = torch.arange(int(sizes.max()), device=h.device)
+        rows = (sizes.cumsum(0) - sizes)[inverse].unsqueeze(1) + cols  # row of each member of a target's cluster
+        own = cols < sizes[inverse].unsqueeze(1)
+        logits = torch.einsum("bd,bmd->bm", h, vectors[rows.masked_fill(~own, 0)]).masked_fill(~own, float("-inf"))
+        return cluster_loss, F.cross_entropy(logits, slot_of[target], reduction="sum") / len(is_text)
 
     def log_probs(self, h: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """``log P(t | h)`` of every item, ``[B, N]`` (Eq. 4; column 0 is ``-inf``)."""
+        """``log P(t | h)`` of every item, ``[B, N]`` (Eq. 4; column 0 is ``-inf``), the text clusters
+        left out (inference ranks items only, Sec. 3.4)."""
         scores = h @ vectors.T
         c, real = self.cluster_of, scores[:, 1:]
         # per-cluster partition function log Z_c(h) [B, K]: a max-shifted log-sum-exp by scatter

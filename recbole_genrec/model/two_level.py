@@ -12,8 +12,11 @@ Output layer, ``twolevel_softmax``:
   ``c``. ``P(cluster | h)`` is a softmax over ``h . c`` (Eq. 2), ``P(item | cluster, h)`` a softmax
   over ``h . e`` for the items of that cluster only (Eq. 3), and ``P(item | h)`` their product
   (Eq. 4). Training computes the target's cluster softmax and the softmax inside the target's cluster
-  (Sec. 4.3.1): ``O(K + |cluster|)`` item vectors per example instead of the whole catalogue.
-- ``full`` (Sec. 4.1): one softmax over every item.
+  (Sec. 4.3.1): each member of the batch's target clusters is projected once, not the whole catalogue.
+- ``full`` (Sec. 4.1): one softmax over every item (Eq. 1).
+With a tokenizer (``llm_path``) the output vocabulary also holds the text tokens (Eq. 1; in Eq. 2 each
+is its own cluster, centroid = its LLM embedding, Sec. 4.2). The presets have no text vocabulary:
+items only.
 
 Inference, ``twolevel_inference`` (Sec. 4.3.2):
 - ``exact``: ``log P(item | h)`` of Eq. 4 for every item;
@@ -30,15 +33,17 @@ embeddings (``cluster_source: cf``: a RecBole BPR matrix factorisation trained a
 loaded from ``cf_model_path``; ``text``: the item text embeddings), ``frequency`` (items with similar
 training counts together) or ``random``; about ``sqrt(#items)`` clusters unless ``n_clusters``.
 
-Training paradigm (Sec. 3.4), ``metadata_sampling``: while training, each history item is shown as a
-random non-empty subset of {ID, text} and ``id_only_ratio`` of the examples use IDs only; inference
-uses IDs only. An item's text (the ``item_text_fields``) enters as the backbone's own tokens (its
-first ``twolevel_text_tokens``) when the backbone has a tokenizer (``llm_path``), as in the paper;
-the built-in presets have no text vocabulary, so there it enters as one token, the item's sentence
-embedding through a linear projection (``twolevel_text_input``: auto | tokens | embedding). Our
-choices: the instruction words of the prompt are left out and the label placeholder plays the role
-of "id:"; labels are item IDs only (the next item is what RecBole evaluates), so text tokens never
-appear in the output softmax.
+Training paradigm (Sec. 3.4), ``metadata_sampling``: while training, each history item, and with a
+tokenizer the label too, is shown as a random non-empty subset of {ID, text}; ``id_only_ratio`` of the
+examples use IDs only for input and label. An item's text (the ``item_text_fields``) enters as the
+backbone's own tokens (its first ``twolevel_text_tokens``) when the backbone has a tokenizer
+(``llm_path``), as in the paper; the presets have no text vocabulary, so there it enters as one token,
+the item's sentence embedding through a linear projection (``twolevel_text_input``: auto | tokens |
+embedding), and labels are item IDs only. A sampled label is decoded ID first, then its text tokens
+(the "id: .. title: .." order of Sec. 3.1), teacher-forced after the placeholder. Inference is ID-only:
+ID inputs, one step, items ranked by ``P(item | h, an item)`` (text clusters left out of Eq. 2; same
+ranking as Eq. 4). Our choices: the instruction words of the prompt are left out and the label
+placeholder plays the role of "id:".
 """
 
 from __future__ import annotations
@@ -85,9 +90,9 @@ class TwoLevelLLMRec(GenerativeRecommender):
             backbone = apply_lora(backbone, config["lora_r"], config["lora_alpha"], config["lora_dropout"])
         self.llm = backbone.model
         d = backbone.hidden_size
-        self.item_embedding = nn.Embedding(self.n_items, config["item_embedding_size"], padding_idx=0)  # E_I
-        self.item_proj = nn.Sequential(nn.Linear(config["item_embedding_size"], config["item_proj_hidden"]), nn.GELU(),
-                                       nn.Linear(config["item_proj_hidden"], d))  # projection head (Sec. 3.2)
+        # text tokens in the output vocabulary (Sec. 4.2); none for the presets
+        tokenizer = backbone.tokenizer
+        self.n_text = 0 if tokenizer is None else min(len(tokenizer), self.llm.get_input_embeddings().num_embeddings)
         self.placeholder = nn.Parameter(torch.randn(d) * 0.02)  # the label's placeholder (Sec. 6.1.2)
 
         needs_text = self.metadata_sampling or (self.clustering == "kmeans" and self.cluster_source == "text")
@@ -97,7 +102,7 @@ class TwoLevelLLMRec(GenerativeRecommender):
         self.text_input = self._option(config, "twolevel_text_input", ("auto", "tokens", "embedding"))
         if self.text_input == "auto":
             self.text_input = "tokens" if backbone.tokenizer is not None else "embedding"
-        if self.metadata_sampling and self.text_input == "tokens":
+        if self.metadata_sampling and (self.text_input == "tokens" or self.n_text):
             self._register_text_tokens(config, dataset, backbone.tokenizer)
         use_proj = self.metadata_sampling and self.text_input == "embedding"
         needs_emb = use_proj or (self.clustering == "kmeans" and self.cluster_source == "text")
@@ -109,12 +114,28 @@ class TwoLevelLLMRec(GenerativeRecommender):
         n_clusters = int(config["n_clusters"] or max(1, round(math.sqrt(n_real))))
         if not 1 <= n_clusters <= n_real:
             raise ValueError(f"n_clusters must be between 1 and the number of items ({n_real}), got {n_clusters}")
-        self.output = TwoLevelSoftmax(self.n_items, n_clusters, d)
+        self._build_output(config["item_embedding_size"], config["item_proj_hidden"], d, n_clusters)
         self.stages = ("cf",) if self.clustering == "kmeans" and self.cluster_source == "cf" else ()
         if not self.stages:  # clusters that need nothing trained: computed now, saved with the model
             self.output.set_clusters(self.compute_clusters(self._cluster_input(dataset)))
         self.id_tokens = {f: dataset.field2id_token[f] for f in (config["USER_ID_FIELD"], self.ITEM_ID)}
         self._cache = {}
+
+    def _build_output(self, item_size, proj_hidden, d, n_clusters):
+        """``E_I``, its projection head (Sec. 3.2) and the two-level output layer (Sec. 4.2)."""
+        self.item_embedding = nn.Embedding(self.n_items, item_size, padding_idx=0)
+        self.item_proj = nn.Sequential(nn.Linear(item_size, proj_hidden), nn.GELU(), nn.Linear(proj_hidden, d))
+        self.output = TwoLevelSoftmax(self.n_items, n_clusters, d, n_text=self.n_text)
+
+    @classmethod
+    def output_layer(cls, n_items, n_clusters, d, item_size=64, proj_hidden=128, softmax="two_level"):
+        """The item side alone (``E_I``, projection, output layer; no LLM, no dataset), for benchmarks:
+        :meth:`output_loss`, :meth:`log_probs` and the decoders run the model's own code."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.n_items, self.n_text, self.softmax_type, self.ann_index_type, self._cache = n_items, 0, softmax, "flat", {}
+        self._build_output(item_size, proj_hidden, d, n_clusters)
+        return self
 
     def _register_text_tokens(self, config, dataset, tokenizer):
         """The backbone's own tokens of every item text, ``[n_items, twolevel_text_tokens]`` + mask."""
@@ -195,48 +216,103 @@ class TwoLevelLLMRec(GenerativeRecommender):
             self._cache["items"] = self.item_proj(self.item_embedding.weight)
         return self._cache["items"]
 
+    def _presentation(self, B, H, device):
+        """Per history item and (last column) the label: 0 ID, 1 text, 2 both (Sec. 3.4); the
+        ``id_only_ratio`` share of rows is ID-only throughout. ``[B, H + 1]``."""
+        choice = torch.randint(0, 3, (B, H + 1), device=device)
+        id_only = torch.rand(B, device=device) < self.id_only_ratio
+        return choice.masked_fill(id_only.unsqueeze(1), 0)
+
+    def text_embeddings(self, token_ids):
+        return self.llm.get_input_embeddings()(token_ids)
+
+    def text_centroids(self):
+        """The text tokens' cluster centroids: their LLM embeddings (Sec. 4.2); ``None`` for presets."""
+        return self.llm.get_input_embeddings().weight[: self.n_text] if self.n_text else None
+
     def history_inputs(self, item_seq, item_len):
         """Input embeddings ``[B, S, d]``, attention mask and the placeholder's index per row."""
+        return self.sequence_inputs(item_seq, item_len)[:3]
+
+    def sequence_inputs(self, item_seq, item_len, target=None):
+        """History tokens, the placeholder at ``n``, then (``target`` given, training with a text
+        vocabulary) the label's tokens but its last, teacher-forced. Returns inputs ``[B, S, d]``, mask,
+        ``n`` and the label ``(tokens [B, L], is_text [B, L], count [B])`` predicted at ``n, n+1, ..``."""
         items, valid = self.last_items(item_seq, item_len, self.max_seq_length)
+        B, H = items.shape
         slots, present = self.item_vectors(items), valid
-        if self.training and self.metadata_sampling:
-            B, H = items.shape
-            # each item: ID only (0), text only (1) or both (2); ID-only examples keep 0 everywhere
-            choice = torch.randint(0, 3, (B, H), device=items.device)
-            id_only = torch.rand(B, device=items.device) < self.id_only_ratio
-            choice = choice.masked_fill(id_only.unsqueeze(1), 0)
+        sampling = self.training and self.metadata_sampling
+        choice = self._presentation(B, H, items.device) if sampling else None
+        if sampling:
             if self.text_input == "tokens":  # the item's text in the LLM's own tokens
-                text = self.llm.get_input_embeddings()(self.item_text_ids[items])  # [B, H, T, d]
+                text = self.text_embeddings(self.item_text_ids[items])  # [B, H, T, d]
                 text_present = self.item_text_mask[items]
             else:  # one token: the projected sentence embedding of the text
                 text = self.text_proj(self.item_text_emb[items]).unsqueeze(2)
                 text_present = torch.ones_like(items, dtype=torch.bool).unsqueeze(2)
-            text_present = text_present & (valid & (choice >= 1)).unsqueeze(2)
+            text_present = text_present & (valid & (choice[:, :H] >= 1)).unsqueeze(2)
             slots = torch.cat([text, slots.unsqueeze(2)], 2).flatten(1, 2)  # text tokens before the ID token
-            present = torch.cat([text_present, (valid & (choice != 1)).unsqueeze(2)], 2).flatten(1)
-        # left-align the present tokens, then the placeholder right after them
-        order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)
-        slots = slots.gather(1, order.unsqueeze(-1).expand_as(slots))
+            present = torch.cat([text_present, (valid & (choice[:, :H] != 1)).unsqueeze(2)], 2).flatten(1)
         n = present.sum(1)
-        inputs = torch.cat([slots, slots.new_zeros(len(slots), 1, slots.shape[-1])], 1)
-        rows = torch.arange(len(inputs), device=inputs.device)
-        inputs = inputs.index_put((rows, n), self.placeholder.expand(len(inputs), -1))
-        mask = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0) <= n.unsqueeze(1)
-        return inputs, mask, n
+        parts, keep, label = [slots, self.placeholder.expand(B, 1, -1)], [present, present.new_ones(B, 1)], None
+        if target is not None:
+            tokens, count = target.unsqueeze(1), torch.ones_like(n)
+            is_text = torch.zeros_like(tokens, dtype=torch.bool)
+            if sampling and self.n_text:  # the label as ID, text or both (Sec. 3.4), ID first
+                text_on = self.item_text_mask[target] & (choice[:, H] >= 1).unsqueeze(1)
+                on = torch.cat([((choice[:, H] != 1) | ~text_on.any(1)).unsqueeze(1), text_on], 1)
+                order = torch.argsort((~on).to(torch.int8), dim=1, stable=True)
+                tokens = torch.cat([tokens, self.item_text_ids[target]], 1).gather(1, order)
+                is_text = torch.cat([is_text, torch.ones_like(text_on)], 1).gather(1, order)
+                emb = torch.cat([self.item_vectors(target).unsqueeze(1),
+                                 self.text_embeddings(self.item_text_ids[target])], 1)
+                emb = emb.gather(1, order.unsqueeze(-1).expand_as(emb))
+                count = on.sum(1)
+                parts.append(emb[:, :-1])  # label token j is the input that predicts token j + 1
+                keep.append(torch.arange(emb.shape[1] - 1, device=n.device) < (count - 1).unsqueeze(1))
+            label = (tokens, is_text, count)
+        slots, present = torch.cat(parts, 1), torch.cat(keep, 1)
+        # left-align the present tokens (the placeholder lands at n)
+        order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)
+        mask = torch.arange(slots.shape[1], device=n.device).unsqueeze(0) < present.sum(1, keepdim=True)
+        inputs = slots.gather(1, order.unsqueeze(-1).expand_as(slots)).masked_fill(~mask.unsqueeze(-1), 0)
+        return inputs, mask, n, label
+
+    def _hidden(self, inputs, mask):
+        body = transformer_body(self.llm)
+        return body(inputs_embeds=inputs, attention_mask=mask.long(), use_cache=False).last_hidden_state
 
     def user_state(self, interaction) -> torch.Tensor:
         """``h``: the last layer's output at the label placeholder, ``[B, d]``."""
         inputs, mask, n = self.history_inputs(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        hidden = transformer_body(self.llm)(inputs_embeds=inputs, attention_mask=mask.long(), use_cache=False)
-        return hidden.last_hidden_state[torch.arange(len(n), device=n.device), n]
+        return self._hidden(inputs, mask)[torch.arange(len(n), device=n.device), n]
+
+    def label_states(self, interaction):
+        """The training targets: ``h [P, d]`` at each position predicting a label token, the tokens ``[P]``
+        and whether each is text. Outside training or without a tokenizer: ``h``, the item, all False."""
+        inputs, mask, n, (tokens, is_text, count) = self.sequence_inputs(
+            interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.POS_ITEM_ID])
+        steps = torch.arange(tokens.shape[1], device=n.device)
+        on = steps < count.unsqueeze(1)
+        rows = torch.arange(len(n), device=n.device).unsqueeze(1).expand_as(tokens)
+        return self._hidden(inputs, mask)[rows[on], (n.unsqueeze(1) + steps)[on]], tokens[on], is_text[on]
 
     # ----- output layer (Eq. 1-4) -----------------------------------------------------------
     def calculate_loss(self, interaction):
-        h = self.user_state(interaction)
-        target = interaction[self.POS_ITEM_ID]
-        if self.softmax_type == "full":  # Eq. 1 over the items
-            return F.cross_entropy(h @ self.item_vectors()[1:].T, target - 1)
-        return self.output.loss(h, target, self.item_vectors)  # Eq. 4, target clusters only
+        return self.output_loss(*self.label_states(interaction))
+
+    def output_loss(self, h, target, is_text=None):
+        """Mean ``-log P(token | h)`` (Eq. 1 for ``full``; Eq. 4 as the pair (cluster, in-cluster) for
+        ``two_level``) over the targets: item ids, or text token ids where ``is_text``."""
+        text = self.text_centroids()
+        if self.softmax_type == "two_level":
+            return self.output.loss(h, target, self.item_vectors, text, is_text)
+        scores, index = h @ self.item_vectors()[1:].T, target - 1
+        if text is not None:  # Eq. 1 over items and text tokens
+            scores = torch.cat([scores, h @ text.T], 1)
+            if is_text is not None:
+                index = torch.where(is_text, self.n_items - 1 + target, index)
+        return F.cross_entropy(scores, index)
 
     def log_probs(self, h):
         """``log P(item | h)`` for every item ``[B, n_items]`` (Eq. 4; Eq. 1 for ``full``)."""
