@@ -296,14 +296,20 @@ def run_unseen_users(dataset, config_file_list=None, config_dict=None, saved=Tru
     """TokenRec's unseen-user protocol (Sec. III-C): the ``ratio`` share of users with the fewest
     interactions is kept out of every training stage; afterwards only their LightGCN embeddings are
     refreshed from their interactions and they are evaluated with the frozen tokenizers and LLM.
+    Sec. III-C: "exclude the 5% of users ... with the least interaction history from the training data
+    split ... Consequently, all items interacted with by these users are also excluded from the training
+    set": all their training interactions are withheld, and their validation interactions are removed
+    from the early-stopping data of the LightGCN stage and of the recommender (only seen users steer it).
     Writes ``<checkpoint_dir>/compare/unseen_users-<dataset>.{md,csv}`` (seen vs unseen rows)."""
     config_dict = {"unseen_user_ratio": ratio, "topk": [10, 20], "metrics": ["Hit", "NDCG"], **dict(config_dict or {})}
     config, logger, trainer, train_data, valid_data, test_data = _prepare("TokenRec", dataset, config_file_list,
                                                                           dict(config_dict))
+    unseen = trainer.model.unseen_users.cpu()
+    valid_users = valid_data._dataset.inter_feat[valid_data._dataset.uid_field]
+    valid_data = subset_loader(valid_data, ~unseen[valid_users])  # early stopping on seen users only
     start = time.perf_counter()
     trainer.fit(train_data, valid_data, saved=saved, show_progress=config["show_progress"])
     train_time = time.perf_counter() - start
-    unseen = trainer.model.unseen_users.cpu()
     users = test_data._dataset.inter_feat[test_data._dataset.uid_field]
     rows, results = [], {}
     for i, (group, mask) in enumerate({"seen": ~unseen[users], "unseen": unseen[users]}.items()):

@@ -2,13 +2,35 @@
 
 import pytest
 import torch
+from recbole.data import data_preparation
+from recbole.utils import init_seed
 
 import recbole_genrec  # noqa: F401
 from conftest import TINY_YAML
+from recbole_genrec.config import Config
+from recbole_genrec.model.tokenrec import TokenRec
 from recbole_genrec.quick_start import load_data_and_model, run_recbole_genrec
+from recbole_genrec.utils import create_dataset
 
 SMALL = {"cf_epochs": 2, "mq_book_size": 8, "mq_code_dim": 16, "tokenizer_epochs": 10, "cf_hidden_size": 32,
          "epochs": 2}
+CF_STAGE = {"epochs": 2, "learning_rate": 2e-3, "batch_size": 2048}
+
+
+def build(tmp_path, **overrides):
+    """A TokenRec with no stage run, its loaders."""
+    config = Config("TokenRec", "genrec-tiny", [TINY_YAML], {"checkpoint_dir": str(tmp_path), **SMALL, **overrides})
+    init_seed(config["seed"], True)
+    train, valid, test = data_preparation(config, create_dataset(config))
+    init_seed(config["seed"], True)
+    return TokenRec(config, train._dataset), train, valid, test
+
+
+def random_codes(model):
+    """Distinct codes for every user and item (as if the tokenizer stage had run)."""
+    g = torch.Generator().manual_seed(0)
+    model.item_codes[1:] = torch.randint(model.book_size, model.item_codes[1:].shape, generator=g)
+    model.user_codes[1:] = torch.randint(model.book_size, model.user_codes[1:].shape, generator=g)
 
 
 @pytest.fixture(scope="module")
@@ -95,32 +117,201 @@ def test_unseen_users_are_kept_out_and_evaluated(tmp_path, monkeypatch):
         return original(self, interaction, shuffle)
 
     monkeypatch.setattr(module.TokenRec, "user_representation", spy)
+    # early stopping (LightGCN stage and recommender) must not see the unseen users' validation items
+    import recbole_genrec.model.base as base
+    from recbole_genrec.trainer import StagedTrainer
+
+    valid_users = {}
+    fit_best, fit = base._fit_best, StagedTrainer.fit
+
+    def spy_fit_best(config, cf_config, cf_model, train_data, valid_data, show_progress):
+        valid_users["cf"] = valid_data._dataset.inter_feat[valid_data._dataset.uid_field]
+        return fit_best(config, cf_config, cf_model, train_data, valid_data, show_progress)
+
+    def spy_fit(self, train_data, valid_data=None, *args, **kwargs):
+        valid_users["recommender"] = valid_data._dataset.inter_feat[valid_data._dataset.uid_field]
+        valid_users["unseen"] = self.model.unseen_users.cpu()
+        return fit(self, train_data, valid_data, *args, **kwargs)
+
+    monkeypatch.setattr(base, "_fit_best", spy_fit_best)
+    monkeypatch.setattr(StagedTrainer, "fit", spy_fit)
     out = run_unseen_users("genrec-tiny", [TINY_YAML], {"checkpoint_dir": str(tmp_path), **SMALL, "epochs": 1},
                            ratio=0.1)
     assert seen_rows and not any(seen_rows)  # no unseen user ever reached the LLM in training
+    unseen = valid_users["unseen"]
+    for stage in ("cf", "recommender"):
+        users = valid_users[stage]
+        assert len(users) == unseen[1:].logical_not().sum() and not unseen[users].any(), stage
     assert "hit@20" in out["seen"] and "ndcg@20" in out["unseen"]
     table = open(tmp_path / "compare" / "unseen_users-genrec-tiny.md").read()
     assert "| seen |" in table and "| unseen |" in table
 
 
-def test_unseen_user_gets_tokens_from_refreshed_embeddings_alone(tmp_path):
-    from recbole.data import data_preparation
-    from recbole.utils import init_seed
+def test_unseen_user_embeddings_are_lightgcn_propagations_of_their_items(tmp_path, monkeypatch):
+    import recbole_genrec.model.tokenrec as module
 
-    from recbole_genrec.config import Config
-    from recbole_genrec.model.tokenrec import TokenRec
-    from recbole_genrec.utils import create_dataset
+    trained = {}
+    original = module.train_general_cf_model
 
-    config = Config("TokenRec", "genrec-tiny", [TINY_YAML],
-                    {"checkpoint_dir": str(tmp_path), **SMALL, "unseen_user_ratio": 0.1})
-    init_seed(config["seed"], True)
-    train, valid, _ = data_preparation(config, create_dataset(config))
-    model = TokenRec(config, train._dataset)
+    def spy(*args, **kwargs):
+        trained["cf"], _, trained["full"] = out = original(*args, **kwargs)
+        return out
+
+    monkeypatch.setattr(module, "train_general_cf_model", spy)
+    model, train, valid, _ = build(tmp_path, unseen_user_ratio=0.1)
     unseen = model.unseen_users.nonzero().flatten()
     assert len(unseen) == 8  # 10% of 80 users, those with the fewest interactions
-    model.train_stage("cf", train, valid, {"epochs": 2, "learning_rate": 2e-3, "batch_size": 2048})
-    emb = model.user_emb[unseen]
-    assert emb.abs().sum(1).gt(0).all()  # refreshed from their interactions
+    model.train_stage("cf", train, valid, CF_STAGE)
+    cf, full = trained["cf"], trained["full"]
+    # independent LightGCN (He et al. 2020, Eq. 7-8): layer 0 of an unseen user = the mean of its items'
+    # layer-0 rows; symmetric-normalised propagation over the full training graph; mean over layers
+    n_users = model.n_users
+    uid, iid = full.inter_feat[full.uid_field], full.inter_feat[full.iid_field]
+    adj = torch.zeros(n_users + model.n_items, n_users + model.n_items, dtype=torch.float64)
+    adj[uid, n_users + iid] = adj[n_users + iid, uid] = 1.0
+    d = adj.sum(1).pow(-0.5).nan_to_num(posinf=0.0)
+    adj = d[:, None] * adj * d[None, :]
+    users, items = cf.user_embedding.weight.detach().double().clone(), cf.item_embedding.weight.detach().double()
+    for u in unseen.tolist():
+        users[u] = items[iid[uid == u]].mean(0)
+    layers = [torch.cat([users, items])]
+    for _ in range(cf.n_layers):
+        layers.append(adj @ layers[-1])
+    expected = torch.stack(layers).mean(0)[unseen]
+    assert torch.allclose(model.user_emb[unseen].double(), expected, atol=1e-5)
+    with torch.no_grad():
+        untrained = cf.forward()[0][unseen]  # their (never trained) init rows: what a no-op refresh leaves
+    assert (model.user_emb[unseen] - untrained).abs().amax(1).gt(1e-3).all()
+    seen = ~model.unseen_users
+    assert torch.equal(model.user_emb[seen], cf.forward()[0][seen].detach())  # seen users untouched
     model.train_stage("tokenizer", train, valid, {"epochs": 5, "learning_rate": 5e-3, "batch_size": 64})
-    # the frozen user tokenizer maps the refreshed embedding to the tokens stored for the user
-    assert torch.equal(model.user_tokenizer.tokenize(emb), model.user_codes[unseen])
+    assert torch.equal(model.user_tokenizer.tokenize(model.user_emb[unseen]), model.user_codes[unseen])
+
+
+def test_train_and_eval_prompts_share_one_layout(tmp_path, monkeypatch):
+    model, train, _, _ = build(tmp_path)
+    random_codes(model)
+    batch = next(iter(train))
+    args = (batch[model.USER_ID], batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    assert (args[2] < model.max_seq_length).any() and (args[2] > 2).any()  # pads and something to shuffle
+    eval_ids, eval_mask = model.prompt_ids(*args)
+    with monkeypatch.context() as m:  # identity permutation: the training prompt is the evaluation prompt
+        m.setattr(model, "shuffle_keys", lambda shape, device: (torch.arange(shape[1]) / shape[1]).expand(shape))
+        ids, mask = model.prompt_ids(*args, shuffle=True)
+    assert torch.equal(ids, eval_ids) and torch.equal(mask, eval_mask)
+    ids, mask = model.prompt_ids(*args, shuffle=True)
+    assert torch.equal(mask, eval_mask) and torch.equal(ids == model.pad_id, eval_ids == model.pad_id)
+    K = model.n_books
+    groups = lambda t: [sorted(map(tuple, row.view(-1, K).tolist())) for row in t[:, K:-1]]  # noqa: E731
+    assert groups(ids) == groups(eval_ids)  # the same items (whole K-token groups), only their order differs
+    assert torch.equal(ids[:, :K], eval_ids[:, :K]) and (ids[:, -1] == model.eos_id).all()
+    assert not torch.equal(ids, eval_ids)
+
+
+def lightgcn_checkpoint(tmp_path, model):
+    """A LightGCN trained one epoch by RecBole, saved in RecBole's checkpoint layout (config, state_dict)."""
+    from recbole_genrec.model.base import train_general_cf_model
+
+    cf, _, _ = train_general_cf_model(model.config, model.id_tokens, "LightGCN", epochs=1,
+                                      overrides={"embedding_size": model.cf_dim})
+    path = tmp_path / "LightGCN-genrec-tiny.pth"
+    torch.save({"config": cf.cf_config, "epoch": 0, "state_dict": cf.state_dict()}, path)
+    return path, cf
+
+
+def test_cf_model_path_gives_propagated_lightgcn_embeddings(tmp_path):
+    model, train, valid, _ = build(tmp_path)
+    path, cf = lightgcn_checkpoint(tmp_path, model)
+    loaded, *_ = build(tmp_path, cf_model_path=str(path))
+    loaded.train_stage("cf", train, valid, CF_STAGE)
+    with torch.no_grad():
+        users, items = cf.forward()  # what a LightGCN trained as stage 'cf' gives
+    assert torch.allclose(loaded.user_emb, users, atol=1e-6) and torch.allclose(loaded.item_emb, items, atol=1e-6)
+
+
+def test_cf_model_path_checks_user_item_counts_and_ids(tmp_path):
+    model, train, valid, _ = build(tmp_path)
+    path, cf = lightgcn_checkpoint(tmp_path, model)
+    state = cf.state_dict()
+    short = tmp_path / "short.pth"
+    torch.save({"config": cf.cf_config, "state_dict": {**state, "user_embedding.weight": state["user_embedding.weight"][:-1]}},
+               short)
+    with pytest.raises(ValueError, match="cf_model_path .*short.pth.* users"):
+        build(tmp_path, cf_model_path=str(short))[0].train_stage("cf", train, valid, CF_STAGE)
+    uid = model.USER_ID
+    other = tmp_path / "other_ids.pth"
+    torch.save({"config": cf.cf_config, "state_dict": state,
+                "field2id_token": {uid: list(reversed(model.id_tokens[uid]))}}, other)
+    with pytest.raises(ValueError, match=f"cf_model_path .*other_ids.pth.*{uid} ids differ"):
+        build(tmp_path, cf_model_path=str(other))[0].train_stage("cf", train, valid, CF_STAGE)
+
+
+def test_cf_model_path_refuses_unseen_users(tmp_path):
+    with pytest.raises(ValueError, match="unseen_user_ratio.*cf_model_path"):
+        build(tmp_path, cf_model_path=str(tmp_path / "LightGCN.pth"), unseen_user_ratio=0.1)
+
+
+def tokenizer_backbone(tmp_path, preset="t5-tiny"):
+    """``llm_path``: a tiny ``preset`` model and a word-level tokenizer knowing every template word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from recbole_genrec.llm.backbone import build_backbone
+    from recbole_genrec.model.tokenrec import TRAIN_TEMPLATES, UNSEEN_TEMPLATE, USER_TEMPLATE
+
+    split = pre_tokenizers.Whitespace()
+    words = ["<pad>", "</s>", "<unk>", "user_", "item_", ","]
+    for template in (*TRAIN_TEMPLATES, UNSEEN_TEMPLATE, USER_TEMPLATE):
+        words += [w for w, _ in split.pre_tokenize_str(template.format(user="user_", items="item_")) if w not in words]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = split
+    path = tmp_path / preset
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                            eos_token="</s>").save_pretrained(path)
+    build_backbone(preset, len(words)).model.save_pretrained(path)
+    return path, words, lambda text: [w for w, _ in split.pre_tokenize_str(text)]
+
+
+def test_text_templates_interleave_tokenizer_words_and_code_tokens_with_llm_path(tmp_path):
+    from recbole_genrec.model.tokenrec import SEEN_TEMPLATE, TRAIN_TEMPLATES, UNSEEN_TEMPLATE, USER_TEMPLATE
+
+    path, words, split = tokenizer_backbone(tmp_path)
+    model, train, _, _ = build(tmp_path, llm_path=str(path))
+    assert model.item_offset == len(words)  # code tokens come after the tokenizer's words
+    random_codes(model)
+    batch = next(iter(train))[torch.arange(32)]
+    users, seq, length = batch[model.USER_ID], batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+    K, user_word, item_word = model.n_books, words.index("user_"), words.index("item_")
+
+    def check(ids, mask, templates, shuffled=False):
+        assert (ids[:, -1] == model.eos_id).all() and (mask.sum(1) < mask.shape[1]).any()  # left-padded
+        for b in range(len(users)):
+            row = ids[b][mask[b].bool()].tolist()[:-1]
+            n = int(length[b].clamp(max=model.max_seq_length))
+            text = [words[t] for t in row if t < model.item_offset]
+            assert any(text == split(t.format(user="user_", items=", ".join(["item_"] * n))) for t in templates)
+            u = row.index(user_word)
+            assert row[u + 1:u + 1 + K] == model.user_tokens(users[b]).tolist()
+            history = model.item_tokens(seq[b, length[b] - n:length[b]]).tolist()
+            got = [row[i + 1:i + 1 + K] for i, t in enumerate(row) if t == item_word]
+            assert (sorted(got) == sorted(history)) if shuffled else (got == history)
+            assert len(row) == len(text) + K * (n + 1)  # nothing but words and code tokens
+
+    model.eval()
+    check(*model.prompt_ids(users, seq, length), [SEEN_TEMPLATE])
+    model.train()
+    check(*model.prompt_ids(users, seq, length, shuffle=True), TRAIN_TEMPLATES, shuffled=True)
+    from transformers import AutoTokenizer
+
+    model._build_templates(AutoTokenizer.from_pretrained(path), "unseen")
+    check(*model.prompt_ids(users, seq, length), [UNSEEN_TEMPLATE])
+    model.prompt = "user"
+    model._build_templates(AutoTokenizer.from_pretrained(path), "seen")
+    ids, mask = model.prompt_ids(users)
+    text = [words[t] for t in ids[0][mask[0].bool()].tolist()[:-1] if t < model.item_offset]
+    assert text == split(USER_TEMPLATE.format(user="user_"))
+    model.prompt = "user_history"
+    model._build_templates(AutoTokenizer.from_pretrained(path), "seen")
+    model.item_emb.normal_()
+    model.calculate_loss(batch).backward()  # the text prompt goes through the backbone
+    assert model.llm.get_input_embeddings().weight.grad[user_word].abs().sum() > 0

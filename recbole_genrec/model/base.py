@@ -154,7 +154,8 @@ def train_general_cf_model(config, id_tokens, model_name="LightGCN", epochs=10, 
 
     Its ids are checked equal to ``id_tokens`` (``{field: dataset.field2id_token[field]}`` of the
     calling model's dataset), so its embedding rows can be used directly. ``exclude_users`` (internal ids) are removed from its
-    training interactions (the graph and the loss): TokenRec's unseen-user protocol."""
+    training interactions (the graph and the loss) and from its validation data (early stopping): TokenRec's
+    unseen-user protocol."""
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_model, init_seed
 
@@ -180,6 +181,10 @@ def train_general_cf_model(config, id_tokens, model_name="LightGCN", epochs=10, 
         keep = ~torch.isin(users, torch.as_tensor(exclude_users))
         train = type(train)(cf_config, full_train.copy(full_train.inter_feat[keep.nonzero().flatten()]),
                             train._sampler, shuffle=True)
+        vset = valid._dataset  # nor may they steer early stopping
+        keep = ~torch.isin(vset.inter_feat[vset.uid_field], torch.as_tensor(exclude_users))
+        valid = type(valid)(cf_config, vset.copy(vset.inter_feat[keep.nonzero().flatten()]), valid._sampler,
+                            shuffle=False)
     init_seed(cf_config["seed"], cf_config["reproducibility"])
     cf_model = get_model(model_name)(cf_config, train._dataset).to(config["device"])
     cf_model = _fit_best(config, cf_config, cf_model, train, valid, show_progress)

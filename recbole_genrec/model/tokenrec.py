@@ -8,8 +8,11 @@ Stages:
   for items and one for users; each entity gets K codes, i.e. K out-of-vocabulary tokens among
   the K x L item tokens and K x L user tokens added to the backbone vocabulary;
 - ``recommender``: the backbone encodes the prompt (Eq. 15): prompt 1 = the user's tokens, prompt 2
-  = the user's tokens and the tokens of the history items (shuffled while training, as the paper
-  does to drop sequential order). ``h`` (Eq. 17) is the decoder state of a fixed
+  = the user's tokens and the tokens of the history items (their order shuffled while training, as
+  the paper does to drop sequential order; train and eval prompts share one layout). With a backbone
+  tokenizer (``llm_path``) the prompt is a text template (Sec. II-D1, III-A4) whose words come from
+  that tokenizer, interleaved with the code tokens; presets have no tokenizer and keep the ID-only
+  prompt (user codes, item codes, eos). ``h`` (Eq. 17) is the decoder state of a fixed
   ``tokenrec_decoder_length``-token decoder input for T5 (flattened, as the official code does) or
   the last hidden state for decoder-only backbones; a three-layer MLP projects it to ``z`` in the
   LightGCN space (Eq. 18) and every item is scored by cosine similarity (Eq. 19). The loss is the
@@ -19,6 +22,10 @@ Stages:
 """
 
 from __future__ import annotations
+
+import copy
+import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +39,25 @@ from recbole_genrec.quantize.mq_tokenizer import MQTokenizer, mq_stats, train_mq
 from recbole_genrec.trainer import StagedTrainer
 
 SPECIALS = 4  # pad 0, eos 1, separator 2, decoder query 3 (tiny presets)
+
+# Text templates (only with a backbone tokenizer). Sec. III-A4: 11 templates, 10 *seen* in training
+# and one held out as the *unseen* prompt. The paper does not print them; these are our own wording
+# of the same idea (a user token, the history item tokens, a question about the user's taste).
+TRAIN_TEMPLATES = (
+    "The {user} bought these items: {items}. Which items fit this user next?",
+    "Here is what the {user} chose before: {items}. What would this user pick now?",
+    "{user} has a history of {items}. Describe what this user wants.",
+    "Items the {user} engaged with: {items}. Which items match the user's taste?",
+    "From the {user}'s choices {items}, infer what the user is looking for.",
+    "Look at the {user}'s past items {items} and tell which items the user prefers.",
+    "After {items}, what does the {user} probably want?",
+    "Knowing that the {user} liked {items}, suggest what the user may enjoy.",
+    "The record of the {user} lists {items}. What interests does the user have?",
+    "Past items of the {user}: {items}. Recommend what suits the user.",
+)
+SEEN_TEMPLATE = TRAIN_TEMPLATES[5]  # evaluation prompt seen in training
+UNSEEN_TEMPLATE = "Given that the {user} interacted with {items}, what else might the user like?"
+USER_TEMPLATE = "I wonder what the {user} will like. Can you help me decide?"  # Prompt 1, Sec. II-D1
 
 
 class TokenRec(GenerativeRecommender):
@@ -50,6 +76,10 @@ class TokenRec(GenerativeRecommender):
         self.n_users = dataset.user_num
         self.USER_ID = config["USER_ID_FIELD"]
         self.id_tokens = {f: dataset.field2id_token[f] for f in (self.USER_ID, self.ITEM_ID)}
+        self.train_dataset = dataset  # the training graph for a LightGCN checkpoint (cf_model_path)
+        if config["cf_model_path"] and (config["unseen_user_ratio"] or 0) > 0:
+            raise ValueError("unseen_user_ratio > 0 cannot be used with cf_model_path: an external LightGCN "
+                             "checkpoint has seen the unseen users; leave cf_model_path empty")
         n_new = 2 * self.n_books * self.book_size
         backbone = backbone_from_config(config, vocab_size=SPECIALS + n_new)
         if config["llm_path"] or config["llm_preset"] == "smollm2-135m":
@@ -65,6 +95,9 @@ class TokenRec(GenerativeRecommender):
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else 1
         self.decoder_length = config["tokenrec_decoder_length"]
+        self.text_prompts = backbone.tokenizer is not None
+        if self.text_prompts:
+            self._build_templates(backbone.tokenizer, config["tokenrec_eval_template"] or "seen")
         d = backbone.hidden_size
         width = d * self.decoder_length if self.is_encoder_decoder else d
         hidden = config["proj_hidden"]
@@ -76,15 +109,22 @@ class TokenRec(GenerativeRecommender):
         self.user_tokenizer = MQTokenizer(self.cf_dim, **mq_kwargs)
         self.register_buffer("user_emb", torch.zeros(self.n_users, self.cf_dim))
         self.register_buffer("item_emb", torch.zeros(self.n_items, self.cf_dim))
-        # unseen-user protocol (Sec. III-C): the users with the fewest interactions are kept out of
-        # every training stage and only get LightGCN embeddings refreshed from their interactions
+        # unseen-user protocol (Sec. III-C, see fewest_interaction_users)
         self.register_buffer("unseen_users", self.fewest_interaction_users(dataset, config["unseen_user_ratio"] or 0.0))
         self.register_buffer("user_codes", torch.zeros(self.n_users, self.n_books, dtype=torch.long))
         self.register_buffer("item_codes", torch.zeros(self.n_items, self.n_books, dtype=torch.long))
 
     @staticmethod
     def fewest_interaction_users(dataset, ratio: float) -> torch.Tensor:
-        """``[n_users]`` bool: the ``ratio`` share of users with the fewest training interactions."""
+        """``[n_users]`` bool: the ``ratio`` share of users with the fewest training interactions.
+
+        Sec. III-C: "exclude the 5% of users (ref as *unseen users*) with the least interaction history
+        from the training data split ... Consequently, all items interacted with by these users are also
+        excluded from the training set ... only the training split is utilized for establishing these
+        models, while it is allowed to update the vector database". So every training interaction of
+        theirs is withheld from the LightGCN graph and loss, the tokenizers and the LLM loss (their
+        validation interactions from early stopping too); afterwards their LightGCN rows are refreshed
+        from those training interactions (:meth:`refresh_user_embeddings`) and their test items scored."""
         mask = torch.zeros(dataset.user_num, dtype=torch.bool)
         if ratio <= 0:
             return mask
@@ -114,8 +154,7 @@ class TokenRec(GenerativeRecommender):
 
     def _cf_stage(self, stage_config, show_progress):
         if self.config["cf_model_path"]:
-            state = torch.load(self.config["cf_model_path"], map_location="cpu", weights_only=False)["state_dict"]
-            users, items = state["user_embedding.weight"], state["item_embedding.weight"]
+            users, items = self.checkpoint_cf_embeddings(self.config["cf_model_path"])
             source = self.config["cf_model_path"]
         else:
             unseen = self.unseen_users.nonzero().flatten().cpu()
@@ -135,6 +174,43 @@ class TokenRec(GenerativeRecommender):
         self.user_emb.copy_(users.detach())
         self.item_emb.copy_(items.detach())
         return {"source": source, "cf_dim": self.cf_dim}
+
+    @torch.no_grad()
+    def checkpoint_cf_embeddings(self, path):
+        """Final (propagated) user and item embeddings of a RecBole LightGCN checkpoint: its weights are
+        loaded into a LightGCN built on this model's training graph and ``forward()`` is called, the
+        same kind of vectors as a LightGCN trained as stage ``cf`` (Sec. II-C1)."""
+        from recbole.model.general_recommender.lightgcn import LightGCN
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"cf_model_path {path!r} does not exist")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state, saved = checkpoint.get("state_dict", checkpoint), checkpoint.get("config")
+
+        def saved_value(key):  # the checkpoint's RecBole config (or None)
+            return saved[key] if saved is not None and key in saved else None
+
+        if saved_value("model") not in (None, "LightGCN"):
+            raise ValueError(f"cf_model_path {path!r} holds a {saved_value('model')} model, not LightGCN")
+        if "user_embedding.weight" not in state or "item_embedding.weight" not in state:
+            raise ValueError(f"cf_model_path {path!r} is not a RecBole LightGCN checkpoint "
+                             "(no user_embedding.weight / item_embedding.weight)")
+        users, items = state["user_embedding.weight"], state["item_embedding.weight"]
+        if (len(users), len(items)) != (self.n_users, self.n_items):
+            raise ValueError(f"cf_model_path {path!r} has {len(users)} users / {len(items)} items but the dataset "
+                             f"has {self.n_users} / {self.n_items}: train it on the same data and filtering")
+        for field, tokens in (checkpoint.get("field2id_token") or {}).items():
+            if field in self.id_tokens and list(tokens) != list(self.id_tokens[field]):
+                raise ValueError(f"cf_model_path {path!r}: its {field} ids differ from the dataset's")
+        if users.shape[1] != self.cf_dim:
+            raise ValueError(f"cf_model_path {path!r} has {users.shape[1]}-d embeddings; set cf_hidden_size to it")
+        cf_config = copy.deepcopy(self.config)
+        for key, default in (("n_layers", 2), ("reg_weight", 1e-5), ("require_pow", False)):  # RecBole's defaults
+            cf_config[key] = default if saved_value(key) is None else saved_value(key)
+        cf_config["embedding_size"] = self.cf_dim
+        cf = LightGCN(cf_config, self.train_dataset).to(self.user_emb.device)
+        cf.load_state_dict({k: v for k, v in state.items() if "norm_adj" not in k})
+        return cf.eval().forward()
 
     @staticmethod
     @torch.no_grad()
@@ -192,21 +268,88 @@ class TokenRec(GenerativeRecommender):
     def item_tokens(self, items):
         return self.item_offset + torch.arange(self.n_books, device=items.device) * self.book_size + self.item_codes[items]
 
+    def shuffle_keys(self, shape, device):
+        """Random sort keys that shuffle N(u) (Sec. II-D2); a hook, so tests can fix the order."""
+        return torch.rand(shape, device=device)
+
+    def shuffle_history(self, items, valid):
+        """``items`` with the order of the valid items shuffled among the valid slots; pads stay put,
+        so training and evaluation prompts share one layout (positions, T5 bias, RoPE, eos)."""
+        keys = self.shuffle_keys(items.shape, items.device).masked_fill(~valid, float("inf"))
+        shuffled = keys.argsort(1)  # the valid slots first, in random order
+        rank = (valid.long().cumsum(1) - 1).clamp(min=0)  # the k-th valid slot takes the k-th of them
+        own = torch.arange(items.shape[1], device=items.device).expand_as(items)
+        return items.gather(1, torch.where(valid, shuffled.gather(1, rank), own))
+
     def prompt_ids(self, users, item_seq=None, item_len=None, shuffle=False):
-        """Prompt token ids ``[B, S]`` and attention mask: user tokens [, history item tokens] , eos."""
-        parts = [self.user_tokens(users)]
+        """Prompt token ids ``[B, S]`` and attention mask (Eq. 15). ``shuffle``: the training prompt
+        (history order shuffled; with text prompts a random seen template).
+
+        ID-only (presets, no tokenizer): user tokens [, history item tokens in RecBole's left-padded
+        slots], eos. Text (``llm_path`` with a tokenizer): a template filled with ``user_`` + user
+        codes and ``item_`` + item codes (Sec. II-D1), left-padded, eos last."""
+        items = valid = None
         if self.prompt == "user_history":
             items, valid = self.last_items(item_seq, item_len, self.max_seq_length)
             if shuffle:  # the paper shuffles N(u) to drop the sequential signal
-                keys = torch.rand(items.shape, device=items.device).masked_fill(~valid, 2.0)
-                order = keys.argsort(1)
-                items, valid = items.gather(1, order), valid.gather(1, order)
+                items = self.shuffle_history(items, valid)
+        if self.text_prompts:
+            return self.text_prompt_ids(users, items, valid, shuffle)
+        parts = [self.user_tokens(users)]
+        if items is not None:
             tokens = self.item_tokens(items).masked_fill(~valid.unsqueeze(-1), self.pad_id)
             parts.append(tokens.flatten(1))
         ids = torch.cat(parts + [torch.full_like(users.unsqueeze(1), self.eos_id)], 1)
         mask = ids != self.pad_id
         keep = mask.any(0)
         return ids[:, keep], mask[:, keep].long()
+
+    def _build_templates(self, tokenizer, eval_template):
+        """Pre-tokenize the templates' words with the backbone tokenizer."""
+        if eval_template not in ("seen", "unseen"):
+            raise ValueError(f"tokenrec_eval_template must be 'seen' or 'unseen', got {eval_template!r}")
+
+        def encode(text):
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        def parse(template):
+            return [part[1:-1] if part in ("{user}", "{items}") else encode(part)
+                    for part in re.split(r"(\{user\}|\{items\})", template) if part.strip()]
+
+        self.user_word, self.item_word, self.item_sep = encode("user_"), encode("item_"), encode(",")
+        if self.prompt == "user":
+            self.train_templates = self.eval_templates = [parse(USER_TEMPLATE)]
+        else:
+            self.train_templates = [parse(t) for t in TRAIN_TEMPLATES]
+            self.eval_templates = [parse(SEEN_TEMPLATE if eval_template == "seen" else UNSEEN_TEMPLATE)]
+
+    def text_prompt_ids(self, users, items, valid, train):
+        templates = self.train_templates if train else self.eval_templates
+        choice = torch.randint(len(templates), (len(users),)).tolist() if len(templates) > 1 else [0] * len(users)
+        user_codes = self.user_tokens(users).tolist()
+        histories = [[]] * len(users)
+        if items is not None:
+            codes, valid = self.item_tokens(items).tolist(), valid.tolist()
+            histories = [[c for c, v in zip(row, ok) if v] for row, ok in zip(codes, valid)]
+        rows = []
+        for b, t in enumerate(choice):
+            seq = []
+            for piece in templates[t]:
+                if piece == "user":
+                    seq += self.user_word + user_codes[b]
+                elif piece == "items":
+                    for n, item in enumerate(histories[b]):
+                        seq += (self.item_sep if n else []) + self.item_word + item
+                else:
+                    seq += piece
+            rows.append(seq + [self.eos_id])
+        width = max(len(seq) for seq in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, seq in enumerate(rows):
+            ids[b, width - len(seq):] = torch.tensor(seq)
+            mask[b, width - len(seq):] = 1
+        return ids.to(users.device), mask.to(users.device)
 
     # ----- LLM4Rec + generative retrieval (Eq. 17-20) ---------------------------------------------
     def user_representation(self, interaction, shuffle=False):
