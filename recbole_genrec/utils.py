@@ -14,6 +14,7 @@ MODEL_MODULES = {
     "SETRec": "recbole_genrec.model.setrec",
     "TokenRec": "recbole_genrec.model.tokenrec",
     "TwoLevelLLMRec": "recbole_genrec.model.two_level",
+    "TTDS": "recbole_genrec.model.ttds",
 }
 
 

@@ -45,11 +45,12 @@ def mlp(dims, dropout=0.0) -> nn.Sequential:
 
 class RQVAE(nn.Module):
     def __init__(self, in_dim, hidden=(512, 256, 128), e_dim=32, levels=3, codebook_size=256,
-                 beta=0.25, dropout=0.0):
+                 beta=0.25, dropout=0.0, decoder=True):
         super().__init__()
         self.levels, self.codebook_size, self.beta = levels, codebook_size, beta
         self.encoder = mlp([in_dim, *hidden, e_dim], dropout)
-        self.decoder = mlp([e_dim, *reversed(hidden), in_dim], dropout)
+        # TTDS's towers have no decoder: the LLM reconstructs the text representation (L_ID)
+        self.decoder = mlp([e_dim, *reversed(hidden), in_dim], dropout) if decoder else None
         self.codebooks = nn.Parameter(torch.randn(levels, codebook_size, e_dim) / math.sqrt(e_dim))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
         # inputs are standardised per dimension with statistics fixed at initialisation

@@ -1,0 +1,594 @@
+"""TTDS: twin-tower dynamic semantic IDs, trained jointly with the LLM that encodes them
+("Unleash LLMs Potential for Recommendation by Coordinating Twin-Tower Dynamic Semantic Token
+Generator"). No public code exists; where the paper is silent the choice is ours and says so.
+
+- **The LLM is its own text encoder** (Sec. 4.2.1, Eq. 6): X = masked mean of the backbone's last
+  hidden states (T5: encoder; decoder-only: the stack) over an entity's text, same weights (+ LoRA)
+  as the recommender. Items: ``item_text_fields``. Users: ``user_text_fields`` of the ``.user``
+  file when given, then the titles (first ``item_text_fields`` column) of the user's last
+  ``ttds_user_history_titles`` TRAINING items (paper: comments/queries/profile, which ml-100k lacks;
+  our choice). With ``llm_path`` the backbone's tokenizer reads the text; the tiny presets have no
+  vocabulary, so text words are hashed (md5) into ``ttds_text_vocab`` extra tokens of the backbone
+  (our choice: the backbone still encodes the text itself).
+- **Twin towers** (Sec. 4.2.2, Eq. 7, 10, 11): an item and a user tower, each an MLP encoder
+  (paper d-2048-1024-512-256, here ``ttds_tower_hidden`` -> ``ttds_code_dim``) and M residual
+  codebooks of N codes, nearest code by squared Euclidean distance (:class:`quantize.rq_vae.RQVAE`
+  without a decoder, k-means initialised). Sid = (i_1..i_M) + a collision suffix (Sec. 4.2.5).
+  Each tower has its own token range.
+- **Gradient path** (paper silent; our choice): the input embedding of ID token (level l, code c)
+  is ``W_up e^l_c + level_l`` (``ttds_token_embedding: codeword``), so the recommender's loss
+  reaches the codebooks; ``free`` gives TIGER-style free rows. In L_ID the entity's own quantised
+  vectors enter as ``e + (r - sg[r])``: forward value the codeword, gradient to the codebook AND,
+  straight through, to the encoder.
+- **DM-VAE** (Sec. 4.2.3, Eq. 12-14), per tower: L_ID = ||f(Sid tokens) - sg[X]||^2 (pooled LLM
+  states), L_Token = sum over levels of codebook + commitment terms, L_DM = L_ID + beta L_Token.
+  The towers read sg[X] (our choice: X is a target, not a path into the LLM).
+- **Tasks** (Sec. 4.2.1, 4.2.4, Eq. 8-9, 15): next item (user Sid + history Sids -> next item's
+  Sid) and user prediction (an item's Sid + the Sids of the users who had it before, time order,
+  TRAINING interactions only -> the next such user). The paper's comment/query generation is not
+  built (ml-100k has neither). L_All = L_LLM + alpha L_DM.
+- **Schedule** (Sec. 5.1.4): stage ``warmup`` trains towers + ID embeddings on L_DM with the LLM
+  frozen; the recommender stage trains everything. **Dynamic IDs**: every Sid is recomputed from the
+  current LLM + towers after warm-up and at the start of every joint epoch (``TTDSTrainer``); the
+  share of changed IDs is logged. Code tables are persistent buffers, so a checkpoint evaluates
+  with the table it was trained with.
+- **Decoding**: the trie-constrained beam search over item Sids, T5 or decoder-only (the prompt is
+  re-run with the prefix each step; no KV cache yet). ``full_sort_predict`` as TIGER's.
+- **Ablations** (Table 2): ``ttds_user_tower: False`` (STDS: no user Sids, no user task),
+  ``ttds_dynamic: False`` (TTSS: towers and IDs frozen after warm-up), ``alpha: 0`` (TTDS-DM),
+  ``ttds_tasks: [next_item]`` (TTDS-HO), ``ttds_levels`` (M), ``ttds_indexer``: ``rq`` |
+  ``lsh`` (sign bits of fixed random projections of X; dynamic = TT-DLSH, static = TT-SLSH) |
+  ``random`` (TT-SR); the LSH/random indexers have no tower to train (free token rows, no L_DM).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from logging import getLogger
+
+import torch
+import torch.nn.functional as F
+from recbole.utils import set_color
+from torch import nn
+
+from recbole_genrec.data import load_item_texts, load_user_texts
+from recbole_genrec.decoding import PrefixTrie, constrained_beam_search
+from recbole_genrec.llm.backbone import add_new_tokens, apply_lora, backbone_from_config, transformer_body
+from recbole_genrec.model.base import GenerativeRecommender
+from recbole_genrec.quantize.codes import build_code_table
+from recbole_genrec.quantize.rq_vae import RQVAE
+from recbole_genrec.trainer import StagedTrainer
+
+PAD, EOS, SEP = 0, 1, 2
+TASKS = ("next_item", "user")
+
+
+class TTDSTrainer(StagedTrainer):
+    """Recomputes every Sid at the start of each joint epoch (dynamic IDs, Sec. 4.2)."""
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self.model.dynamic:
+            changed = self.model.refresh_ids()
+            self.logger.info(set_color("dynamic IDs", "blue") + f" epoch {epoch_idx}: {changed}")
+        return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+
+
+class TTDS(GenerativeRecommender):
+    stages = ("warmup",)
+    trainer_class = TTDSTrainer
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.M, self.N = config["ttds_levels"], config["ttds_codebook_size"]
+        self.S = config["ttds_suffix_size"]
+        self.history = self.max_seq_length
+        self.alpha, self.dm_beta = float(config["alpha"]), float(config["ttds_beta"])
+        self.use_user = bool(config["ttds_user_tower"])
+        self.dynamic = bool(config["ttds_dynamic"])
+        self.indexer = self._choice(config, "ttds_indexer", ("rq", "lsh", "random"))
+        self.token_embedding = self._choice(config, "ttds_token_embedding", ("codeword", "free"))
+        if self.indexer != "rq":
+            self.token_embedding = "free"  # no codebook to project
+        tasks = list(config["ttds_tasks"] or ["next_item"])
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or "next_item" not in tasks:
+            raise ValueError(f"ttds_tasks must contain 'next_item' and only {TASKS}; got {tasks}")
+        self.tasks = [t for t in tasks if t != "user" or self.use_user]
+        self.beam_size = config["beam_size"]
+        topk = max(config["topk"]) if config["topk"] else 10
+        if self.beam_size < topk:
+            raise ValueError(f"beam_size ({self.beam_size}) must be >= the largest topk ({topk})")
+        self.USER_ID = config["USER_ID_FIELD"]
+        self.n_users = dataset.user_num
+
+        # ----- vocabulary: [specials][item ID tokens][user ID tokens][hashed text words] -----
+        self.n_id = self.M * self.N + self.S  # per tower
+        self.text_vocab = int(config["ttds_text_vocab"])
+        n_new = 2 * self.n_id
+        preset_vocab = 3 + n_new + self.text_vocab
+        backbone = backbone_from_config(config, vocab_size=preset_vocab)
+        self.tokenizer = backbone.tokenizer
+        if config["llm_path"] or config["llm_preset"] == "smollm2-135m":
+            self.item_offset = add_new_tokens(backbone, n_new)
+            if self.tokenizer is None:
+                self.text_offset = add_new_tokens(backbone, self.text_vocab)
+            cfg = backbone.model.config
+            self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else PAD
+            self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else EOS
+            self.sep_id = self.eos_id
+        else:
+            self.item_offset, self.pad_id, self.eos_id, self.sep_id = 3, PAD, EOS, SEP
+            self.text_offset = 3 + n_new
+        self.user_offset = self.item_offset + self.n_id
+        if config["use_lora"]:
+            new_ids = list(range(self.item_offset, self.item_offset + n_new))
+            if self.tokenizer is None and self.text_vocab:
+                new_ids += list(range(self.text_offset, self.text_offset + self.text_vocab))
+            backbone = apply_lora(backbone, config["lora_r"], config["lora_alpha"], config["lora_dropout"], new_ids)
+        self.llm = backbone.model
+        self.is_encoder_decoder = backbone.is_encoder_decoder
+        d = backbone.hidden_size
+
+        # ----- twin towers and ID-token embeddings -----
+        tower = dict(hidden=tuple(config["ttds_tower_hidden"]), e_dim=config["ttds_code_dim"], levels=self.M,
+                     codebook_size=self.N, beta=config["ttds_commitment"], decoder=False)
+        self.item_tower = RQVAE(d, **tower)
+        self.user_tower = RQVAE(d, **tower) if self.use_user else None
+        self.up_proj = nn.ModuleDict({"item": nn.Linear(config["ttds_code_dim"], d),
+                                      **({"user": nn.Linear(config["ttds_code_dim"], d)} if self.use_user else {})})
+        self.level_emb = nn.Parameter(torch.randn(self.M, d) * 0.02)
+        # LSH: fixed random hyperplanes, log2(N) sign bits per level
+        bits = int(math.log2(self.N)) if self.N > 1 else 1
+        g = torch.Generator().manual_seed(int(config["seed"]))
+        self.register_buffer("lsh_planes", torch.randn(self.M, bits, d, generator=g), persistent=False)
+
+        # ----- texts (token ids), history-derived data: training interactions only -----
+        self.train_items = self.user_training_items(dataset)
+        item_texts = load_item_texts(config, dataset)
+        user_texts = self.user_texts(config, dataset, self.train_items) if self.use_user else [""]
+        self.user_text_strings = user_texts  # kept for inspection (tests, logging)
+        max_len = int(config["ttds_text_length"])
+        self.register_buffer("item_text_ids", self.tokenize(item_texts, max_len), persistent=False)
+        self.register_buffer("user_text_ids", self.tokenize(user_texts, max_len), persistent=False)
+        indptr, users = self.item_user_sequences(dataset)
+        self.register_buffer("item_user_indptr", indptr, persistent=False)
+        self.register_buffer("item_user_seq", users, persistent=False)
+        self.user_history = int(config["ttds_user_history"])
+        self.aux_batch = int(config["ttds_aux_batch"])
+
+        # ----- code tables: token ids [n, M + 1], saved with every checkpoint -----
+        self.register_buffer("item_sid", torch.zeros(self.n_items, self.M + 1, dtype=torch.long))
+        self.register_buffer("user_sid", torch.zeros(self.n_users if self.use_user else 1, self.M + 1,
+                                                     dtype=torch.long))
+        self._trie = None
+        self.logger = getLogger()
+
+    @staticmethod
+    def _choice(config, key, choices):
+        value = config[key]
+        if value not in choices:
+            raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+        return value
+
+    # ----- data (training interactions only) --------------------------------------------------
+    def user_training_items(self, dataset) -> list[list[int]]:
+        """Each user's training items in time order: the longest training history + its target."""
+        inter = dataset.inter_feat
+        uid, seq, length = inter[dataset.uid_field], inter[self.ITEM_SEQ], inter[self.ITEM_SEQ_LEN]
+        target = inter[self.ITEM_ID]
+        out = [[] for _ in range(dataset.user_num)]
+        best = torch.full((dataset.user_num,), -1, dtype=torch.long)
+        best_len = torch.full((dataset.user_num,), -1, dtype=torch.long)
+        for row, (u, n) in enumerate(zip(uid.tolist(), length.tolist())):
+            if n > best_len[u]:
+                best_len[u], best[u] = n, row
+        for u in range(1, dataset.user_num):
+            row = int(best[u])
+            if row >= 0:
+                out[u] = seq[row, : int(length[row])].tolist() + [int(target[row])]
+        return out
+
+    def user_texts(self, config, dataset, train_items) -> list[str]:
+        """User text: ``user_text_fields`` of the ``.user`` file, then the titles of the last
+        ``ttds_user_history_titles`` training items (never a validation or test item)."""
+        fields = list(config["user_text_fields"] or [])
+        profile = load_user_texts(config, dataset, fields) if fields else [""] * dataset.user_num
+        title_field = (config["item_text_fields"] or [None])[0]
+        titles = load_item_texts(config, dataset, [title_field])
+        k = int(config["ttds_user_history_titles"])
+        texts = []
+        for u in range(dataset.user_num):
+            recent = [titles[i].split(": ", 1)[-1] for i in train_items[u][-k:]] if k else []
+            parts = ([profile[u]] if profile[u] else []) + ([f"recent: {', '.join(recent)}"] if recent else [])
+            texts.append("; ".join(parts))
+        return texts
+
+    def item_user_sequences(self, dataset):
+        """CSR (``indptr [n_items + 1]``, ``users``) of the users of each item in time order,
+        from the training targets only."""
+        inter = dataset.inter_feat
+        items, users = inter[self.ITEM_ID], inter[dataset.uid_field]
+        time_field = dataset.time_field
+        order = torch.arange(len(items))
+        if time_field and time_field in inter:
+            order = torch.argsort(inter[time_field].double(), stable=True)
+        items, users = items[order], users[order]
+        by_item = torch.argsort(items, stable=True)
+        counts = torch.bincount(items, minlength=self.n_items)
+        indptr = torch.zeros(self.n_items + 1, dtype=torch.long)
+        indptr[1:] = counts.cumsum(0)
+        return indptr, users[by_item]
+
+    def tokenize(self, texts, max_len) -> torch.Tensor:
+        """Token ids ``[n, max_len]`` (pad-filled) of ``texts`` for the backbone's text encoder."""
+        if self.tokenizer is not None:
+            tok = self.tokenizer
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+            enc = tok([t or " " for t in texts], max_length=max_len, truncation=True, padding="max_length",
+                      return_tensors="pt")
+            ids = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, self.pad_id)
+            return ids
+        out = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)
+        for i, text in enumerate(texts):
+            words = re.findall(r"\w+", text.lower())[:max_len]
+            for j, w in enumerate(words):
+                out[i, j] = self.text_offset + int(hashlib.md5(w.encode()).hexdigest(), 16) % self.text_vocab
+        return out
+
+    # ----- embeddings and backbone passes -----------------------------------------------------
+    def id_token_table(self, kind: str) -> torch.Tensor | None:
+        """``[M * N, d]`` input embeddings of a tower's code tokens (``W_up e + level``), or None
+        with free rows."""
+        if self.token_embedding == "free":
+            return None
+        tower = self.item_tower if kind == "item" else self.user_tower
+        codewords = tower.codebooks.reshape(self.M * self.N, -1)
+        return self.up_proj[kind](codewords) + self.level_emb.repeat_interleave(self.N, 0)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of token ids, code tokens through :meth:`id_token_table`."""
+        emb = self.llm.get_input_embeddings()(ids)
+        kinds = ("item", "user") if self.use_user else ("item",)
+        for kind in kinds:
+            table = self.id_token_table(kind)
+            if table is None:
+                continue
+            lo = self.item_offset if kind == "item" else self.user_offset
+            inside = (ids >= lo) & (ids < lo + self.M * self.N)
+            rows = table[(ids - lo).clamp(0, self.M * self.N - 1)]
+            emb = torch.where(inside.unsqueeze(-1), rows.to(emb.dtype), emb)
+        return emb
+
+    def hidden_states(self, embeds, mask):
+        """Last hidden states ``[B, S, d]`` of the text/ID encoder (T5 encoder or decoder stack)."""
+        if self.is_encoder_decoder:
+            return self.llm.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        pos = (mask.long().cumsum(1) - 1).clamp(min=0)
+        return transformer_body(self.llm)(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                                          use_cache=False).last_hidden_state
+
+    @staticmethod
+    def pool(states, mask):
+        m = mask.unsqueeze(-1).to(states.dtype)
+        return (states * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    def text_repr(self, text_ids: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Eq. 6: X = masked-mean pooled last hidden state over the text (no gradient: a target)."""
+        out, was_training = [], self.llm.training
+        self.llm.eval()  # X is a target: no dropout noise
+        with torch.no_grad():
+            for start in range(0, len(text_ids), batch_size):
+                ids = text_ids[start:start + batch_size]
+                mask = (ids != self.pad_id).long()
+                mask[:, 0] = 1  # an empty text still has one (pad) position
+                out.append(self.pool(self.hidden_states(self.embed(ids), mask), mask))
+        self.llm.train(was_training)
+        return torch.cat(out).float()
+
+    # ----- towers, DM-VAE (Eq. 10-14) ---------------------------------------------------------
+    def tower(self, kind):
+        return self.item_tower if kind == "item" else self.user_tower
+
+    def dm_loss(self, kind: str, x: torch.Tensor) -> dict:
+        """L_ID, L_Token and L_DM (Eq. 12-14) of entities with text representations ``x [n, d]``."""
+        x = x.detach()
+        tower = self.tower(kind)
+        z = tower.encode(x)
+        _, codes, residuals, token_loss, codewords = tower.quantize(z, return_codewords=True)
+        st = codewords + (residuals - residuals.detach())  # value e, gradient to codebook and encoder
+        emb = self.up_proj[kind](st.transpose(0, 1)) + self.level_emb  # [n, M, d]
+        mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
+        sid_repr = self.pool(self.hidden_states(emb, mask), mask)  # f(Sid tokens)
+        id_loss = F.mse_loss(sid_repr.float(), x)
+        return {"id": id_loss, "token": token_loss, "dm": id_loss + self.dm_beta * token_loss}
+
+    @torch.no_grad()
+    def compute_codes(self, kind: str, x: torch.Tensor, static_source=None) -> torch.Tensor:
+        """Codes ``[n, M]`` of entities from their text representations, by the chosen indexer."""
+        if self.indexer == "rq":
+            return self.tower(kind).get_codes(x)
+        if self.indexer == "lsh":
+            proj = torch.einsum("nd,lbd->nlb", x - x.mean(0), self.lsh_planes.to(x.device))
+            weights = 2 ** torch.arange(proj.shape[-1], device=x.device)
+            return ((proj > 0).long() * weights).sum(-1) % self.N
+        g = torch.Generator().manual_seed(int(self.config["seed"]) + (0 if kind == "item" else 1))
+        return torch.randint(0, self.N, (len(x), self.M), generator=g).to(x.device)
+
+    @torch.no_grad()
+    def follow_representations(self, kind: str, x: torch.Tensor) -> int:
+        """Keep a tower usable while the LLM (hence X) moves (our choice, paper silent): its input
+        standardisation is re-fitted to the current X (without it X's drift under joint training
+        collapsed the codes: collision rate 0.52 -> 0.81 in one tiny-set epoch, vs 0.52 -> 0.63)
+        and codes no entity uses are re-seeded on current residuals (as TIGER's RQ-VAE does
+        between epochs). Returns the re-seeded count."""
+        tower = self.tower(kind)
+        tower.x_mean.copy_(x.mean(0))
+        tower.x_std.copy_(x.std(0).clamp(min=1e-6))
+        _, codes, residuals, _ = tower.quantize(tower.encode(x))
+        g = torch.Generator().manual_seed(int(self.config["seed"]))
+        return tower.reseed_dead_codes(residuals, codes, generator=g)
+
+    def sid_tokens(self, kind: str, table: torch.Tensor) -> torch.Tensor:
+        """Token ids of a one-to-one code table ``[n, M + 1]`` (last column: suffix)."""
+        lo = self.item_offset if kind == "item" else self.user_offset
+        levels = torch.arange(self.M, device=table.device) * self.N
+        codes = lo + levels + table[:, : self.M]
+        suffix = lo + self.M * self.N + table[:, self.M:]
+        return torch.cat([codes, suffix], 1)
+
+    @torch.no_grad()
+    def refresh_ids(self) -> dict:
+        """Recompute every Sid from the current LLM + towers (eval mode), resolve collisions,
+        rebuild the trie; return the collision rate and the share of changed IDs per tower."""
+        was_training = self.training
+        self.eval()
+        stats = {}
+        kinds = ("item", "user") if self.use_user else ("item",)
+        for kind in kinds:
+            text_ids = self.item_text_ids[1:] if kind == "item" else self.user_text_ids[1:]
+            x = self.text_repr(text_ids)
+            if self.indexer == "rq" and self.dynamic:
+                stats[f"{kind}_reseeded"] = self.follow_representations(kind, x)
+            codes = self.compute_codes(kind, x)
+            table = build_code_table(codes, "suffix", suffix_size=self.S)
+            tokens = self.sid_tokens(kind, table)
+            target = self.item_sid if kind == "item" else self.user_sid
+            old = target[1:].clone()
+            stats[f"{kind}_collision_rate"] = round(1.0 - len(torch.unique(codes, dim=0)) / len(codes), 4)
+            stats[f"{kind}_changed"] = round(float((old != tokens).any(1).float().mean()), 4)
+            target[1:] = tokens
+            target[0] = self.pad_id
+        self._trie = None
+        self.train(was_training)
+        return stats
+
+    # ----- warm-up stage (Sec. 5.1.4) ---------------------------------------------------------
+    def train_stage(self, stage, train_data, valid_data, stage_config, show_progress=False):
+        if stage != "warmup":
+            return super().train_stage(stage, train_data, valid_data, stage_config, show_progress)
+        kinds = ("item", "user") if self.use_user else ("item",)
+        llm_params = [p for p in self.llm.parameters()]
+        frozen = [p.requires_grad for p in llm_params]
+        pass
+        history = []
+        try:
+            x = {k: self.text_repr(self.item_text_ids[1:] if k == "item" else self.user_text_ids[1:]) for k in kinds}
+            if self.indexer == "rq":
+                g = torch.Generator().manual_seed(int(self.config["seed"]))
+                for k in kinds:
+                    self.tower(k).init_codebooks(x[k], generator=g)
+                params = [p for k in kinds for p in list(self.tower(k).parameters()) + list(self.up_proj[k].parameters())]
+                params.append(self.level_emb)
+                optimizer = torch.optim.AdamW(params, lr=stage_config["learning_rate"])
+                gen = torch.Generator().manual_seed(int(self.config["seed"]) + 7)
+                epochs = range(stage_config["epochs"])
+                if show_progress:
+                    from tqdm import tqdm
+
+                    epochs = tqdm(epochs, desc="TTDS warm-up")
+                for epoch in epochs:
+                    self.train()
+                    totals = {f"{k}_{part}": 0.0 for k in kinds for part in ("dm", "id", "token")}
+                    for k in kinds:
+                        order = torch.randperm(len(x[k]), generator=gen)
+                        for start in range(0, len(order), stage_config["batch_size"]):
+                            idx = order[start:start + stage_config["batch_size"]].to(x[k].device)
+                            parts = self.dm_loss(k, x[k][idx])
+                            optimizer.zero_grad()
+                            parts["dm"].backward()
+                            optimizer.step()
+                            for part, value in parts.items():
+                                totals[f"{k}_{part}"] += float(value) * len(idx) / len(x[k])
+                    history.append({key: round(v, 5) for key, v in totals.items()})
+                    self.logger.info(f"TTDS warm-up epoch {epoch + 1}: L_DM {history[-1]}")
+        finally:
+            for p, flag in zip(llm_params, frozen):
+                p.requires_grad_(flag)
+        stats = self.refresh_ids()
+        if not self.dynamic:  # TTSS: towers and IDs frozen from here on
+            for k in kinds:
+                for p in self.tower(k).parameters():
+                    p.requires_grad_(False)
+        first, last = (history[0], history[-1]) if history else ({}, {})
+        return {**stats, "L_DM_first": {k: first.get(f"{k}_dm") for k in kinds},
+                "L_DM_last": {k: last.get(f"{k}_dm") for k in kinds}, "warmup_first": first, "warmup_last": last}
+
+    def stage_state_dict(self, stage):
+        return {"towers": {k: v for k, v in self.state_dict().items()
+                           if k.startswith(("item_tower", "user_tower", "up_proj", "level_emb"))},
+                "item_sid": self.item_sid.clone(), "user_sid": self.user_sid.clone()}
+
+    def load_stage_state_dict(self, stage, state):
+        self.load_state_dict(state["towers"], strict=False)
+        self.item_sid.copy_(state["item_sid"])
+        self.user_sid.copy_(state["user_sid"])
+        self._trie = None
+        if not self.dynamic:
+            for k in ("item", "user") if self.use_user else ("item",):
+                for p in self.tower(k).parameters():
+                    p.requires_grad_(False)
+
+    def stage_signature(self, stage):
+        keys = ("ttds_levels", "ttds_codebook_size", "ttds_suffix_size", "ttds_code_dim", "ttds_tower_hidden",
+                "ttds_commitment", "ttds_beta", "ttds_user_tower", "ttds_dynamic", "ttds_indexer",
+                "ttds_token_embedding", "ttds_text_vocab", "ttds_text_length", "ttds_user_history_titles",
+                "user_text_fields", "item_text_fields", "llm_path", "llm_preset", "llm_config", "use_lora")
+        return {k: self.config[k] for k in keys} | {"n_items": self.n_items, "n_users": self.n_users}
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self._trie = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # ----- prompts and the seq2seq loss (Eq. 8-9) ----------------------------------------------
+    def next_item_prompt(self, interaction):
+        """Token ids ``[B, S]`` (left-padded): [user Sid] history item Sids, then </s> or SEP."""
+        items, valid = self.last_items(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], self.history)
+        parts = []
+        if self.use_user:
+            parts.append(self.user_sid[interaction[self.USER_ID]])
+        parts.append(self.item_sid[items].masked_fill(~valid.unsqueeze(-1), self.pad_id).flatten(1))
+        return self._close(parts)
+
+    def user_prompt(self, items, context):
+        """User prediction: the item's Sid, then the Sids of its earlier users ``context [B, H]``."""
+        users = self.user_sid[context].masked_fill((context == 0).unsqueeze(-1), self.pad_id).flatten(1)
+        return self._close([self.item_sid[items], users])
+
+    def _close(self, parts):
+        ids = torch.cat(parts, 1)
+        # left-pad: move every row's padding to the front (a stable sort on "is a real token")
+        order = torch.argsort((ids != self.pad_id).long(), dim=1, stable=True)
+        ids = ids.gather(1, order)
+        close = self.eos_id if self.is_encoder_decoder else self.sep_id
+        ids = torch.cat([ids, torch.full_like(ids[:, :1], close)], 1)
+        keep = (ids != self.pad_id).any(0)
+        return ids[:, keep]
+
+    def target_logits(self, prompt, target):
+        """Teacher-forced logits ``[B, T, V]`` predicting each token of ``target [B, T]`` (T >= 0
+        tokens given; T5: the decoder after its start token; decoder-only: the prompt's closing
+        SEP and the target tokens but the last, appended after the prompt). With T = 0 on a
+        decoder-only backbone: the SEP's logits ``[B, 1, V]`` (the first target token)."""
+        mask = (prompt != self.pad_id).long()
+        if self.is_encoder_decoder:
+            start = self.llm.config.decoder_start_token_id or 0
+            dec = torch.cat([torch.full_like(target[:, :1], start), target[:, :-1]], 1) if target.shape[1] else \
+                torch.full_like(prompt[:, :1], start)
+            return self.llm(inputs_embeds=self.embed(prompt), attention_mask=mask,
+                            decoder_inputs_embeds=self.embed(dec), use_cache=False).logits
+        given = target[:, :-1] if target.shape[1] else target
+        ids = torch.cat([prompt, given], 1)
+        full = torch.cat([mask, torch.ones_like(given)], 1)
+        pos = (full.cumsum(1) - 1).clamp(min=0)
+        keep = given.shape[1] + 1
+        return self.llm(inputs_embeds=self.embed(ids), attention_mask=full, position_ids=pos, use_cache=False,
+                        logits_to_keep=keep).logits[:, -keep:]
+
+    def seq2seq_loss(self, prompt, target):
+        """Eq. 9: token cross-entropy of ``target`` given ``prompt``."""
+        logits = self.target_logits(prompt, target)
+        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+
+    def user_task_batch(self, items):
+        """(items, context users [B, H_u], next user) for items with at least two training users."""
+        counts = self.item_user_indptr[items + 1] - self.item_user_indptr[items]
+        ok = counts >= 2
+        items, counts = items[ok], counts[ok]
+        if len(items) == 0:
+            return None
+        items, counts = items[: self.aux_batch], counts[: self.aux_batch]
+        cut = 1 + (torch.rand(len(items), device=items.device) * (counts - 1)).long()  # 1..n-1
+        start = self.item_user_indptr[items]
+        H = self.user_history
+        offsets = torch.arange(H, device=items.device)
+        pos = cut.unsqueeze(1) - H + offsets
+        valid = pos >= 0
+        context = self.item_user_seq[(start.unsqueeze(1) + pos.clamp(min=0))] * valid
+        target = self.item_user_seq[start + cut]
+        return items, context, target
+
+    def calculate_loss(self, interaction):
+        """L_All = L_LLM + alpha * L_DM (Eq. 15)."""
+        targets = interaction[self.POS_ITEM_ID]
+        losses = {"next_item": self.seq2seq_loss(self.next_item_prompt(interaction), self.item_sid[targets])}
+        if "user" in self.tasks:
+            batch = self.user_task_batch(torch.unique(targets))
+            if batch is not None:
+                items, context, nxt = batch
+                losses["user"] = self.seq2seq_loss(self.user_prompt(items, context), self.user_sid[nxt])
+        l_llm = sum(losses.values()) / len(losses)
+        self.last_losses = {k: float(v) for k, v in losses.items()}
+        if self.alpha == 0 or self.indexer != "rq":
+            return l_llm
+        l_dm = self.batch_dm_loss(interaction)
+        self.last_losses["dm"] = float(l_dm)
+        return l_llm + self.alpha * l_dm
+
+    def batch_dm_loss(self, interaction):
+        """L_DM on the batch's target items (and users), each tower on at most ``ttds_aux_batch``."""
+        items = torch.unique(interaction[self.POS_ITEM_ID])[: self.aux_batch]
+        loss = self.dm_loss("item", self.text_repr(self.item_text_ids[items]))["dm"]
+        if self.use_user:
+            users = torch.unique(interaction[self.USER_ID])[: self.aux_batch]
+            loss = loss + self.dm_loss("user", self.text_repr(self.user_text_ids[users]))["dm"]
+        return loss
+
+    # ----- decoding ---------------------------------------------------------------------------
+    def level_ranges(self):
+        lo, N = self.item_offset, self.N
+        return [(lo + l * N, lo + (l + 1) * N) for l in range(self.M)] + [
+            (lo + self.M * N, lo + self.M * N + self.S)]
+
+    @property
+    def trie(self) -> PrefixTrie:
+        if self._trie is None:
+            items = torch.arange(1, self.n_items, device=self.item_sid.device)
+            vocab = self.item_offset + 2 * self.n_id + 1
+            self._trie = PrefixTrie(self.item_sid[1:].cpu(), items.cpu(), vocab).to(self.item_sid.device)
+        return self._trie
+
+    @torch.no_grad()
+    def beam_search(self, interaction, beam_size=None):
+        """Top items by trie-constrained beam search: ``items [B, beam]`` (-1 = none), log-probs."""
+        beam = beam_size or self.beam_size
+        prompt = self.next_item_prompt(interaction)
+        B = prompt.shape[0]
+        prompt = prompt.repeat_interleave(beam, 0)
+        if self.is_encoder_decoder:
+            mask = (prompt != self.pad_id).long()
+            hidden = self.llm.get_encoder()(inputs_embeds=self.embed(prompt), attention_mask=mask).last_hidden_state
+            start = self.llm.config.decoder_start_token_id or 0
+
+            def step(prefix):
+                dec = torch.cat([prefix.new_full((prefix.shape[0], 1), start), prefix], 1)
+                logits = self.llm(encoder_outputs=(hidden,), attention_mask=mask, decoder_inputs_embeds=self.embed(dec),
+                                  use_cache=False).logits[:, -1]
+                return F.log_softmax(logits.float(), -1)
+        else:
+            def step(prefix):  # [prompt, prefix] re-run each step (no KV cache yet)
+                ids = torch.cat([prompt, prefix], 1)
+                mask = torch.cat([(prompt != self.pad_id).long(), torch.ones_like(prefix)], 1)
+                pos = (mask.cumsum(1) - 1).clamp(min=0)
+                logits = self.llm(inputs_embeds=self.embed(ids), attention_mask=mask, position_ids=pos,
+                                  use_cache=False, logits_to_keep=1).logits[:, -1]
+                return F.log_softmax(logits.float(), -1)
+
+        return constrained_beam_search(step, self.trie, B, beam, self.level_ranges(), device=prompt.device)
+
+    def full_sort_predict(self, interaction):
+        items, scores = self.beam_search(interaction)
+        out = torch.full((items.shape[0], self.n_items), float("-inf"), device=scores.device)
+        found = items >= 0
+        out.scatter_(1, items.clamp(min=0), torch.where(found, scores, torch.full_like(scores, float("-inf"))))
+        out[:, 0] = float("-inf")
+        return out
+
+    def predict(self, interaction):
+        """Sequence log-likelihood of the given items (sampled evaluation)."""
+        prompt = self.next_item_prompt(interaction)
+        target = self.item_sid[interaction[self.ITEM_ID]]
+        log_probs = F.log_softmax(self.target_logits(prompt, target).float(), -1)
+        return log_probs.gather(2, target.unsqueeze(-1)).squeeze(-1).sum(1)

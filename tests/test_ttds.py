@@ -1,0 +1,250 @@
+"""TTDS: twin towers, DM-VAE losses, dynamic IDs, tasks and ablations, decoding, save/reload."""
+
+import glob
+import os
+
+import pytest
+import torch
+
+import recbole_genrec  # noqa: F401
+from conftest import TINY_YAML
+from recbole_genrec.quick_start import _prepare, load_data_and_model, run_recbole_genrec
+
+SMALL = {"ttds_levels": 2, "ttds_codebook_size": 8, "ttds_suffix_size": 32, "ttds_code_dim": 16,
+         "ttds_tower_hidden": [32], "ttds_text_length": 16, "ttds_text_vocab": 512, "warmup_epochs": 5,
+         "ttds_aux_batch": 16, "epochs": 1}
+
+
+def build(tmp_path, **extra):
+    config, _, trainer, train, valid, test = _prepare(
+        "TTDS", "genrec-tiny", [TINY_YAML], {"checkpoint_dir": str(tmp_path), **SMALL, **extra})
+    return config, trainer, train, valid, test
+
+
+def stage_cfg(trainer):
+    return trainer.stage_config("warmup")
+
+
+def test_token_ranges_of_the_towers_are_disjoint_and_tables_live_in_them(tmp_path):
+    _, trainer, train, *_ = build(tmp_path)
+    m = trainer.model
+    item = set(range(m.item_offset, m.item_offset + m.n_id))
+    user = set(range(m.user_offset, m.user_offset + m.n_id))
+    text = set(range(m.text_offset, m.text_offset + m.text_vocab))
+    assert not (item & user) and not (item & text) and not (user & text) and min(item) > m.sep_id
+    m.train_stage("warmup", train, None, stage_cfg(trainer))
+    for sid, lo in ((m.item_sid[1:], m.item_offset), (m.user_sid[1:], m.user_offset)):
+        for level in range(m.M):  # level l uses [lo + l N, lo + (l + 1) N)
+            assert ((sid[:, level] >= lo + level * m.N) & (sid[:, level] < lo + (level + 1) * m.N)).all()
+        assert ((sid[:, m.M] >= lo + m.M * m.N) & (sid[:, m.M] < lo + m.n_id)).all()
+    assert m.llm.get_input_embeddings().num_embeddings >= m.text_offset + m.text_vocab
+
+
+def test_tables_are_one_to_one_with_forced_collisions(tmp_path):
+    _, trainer, train, *_ = build(tmp_path, ttds_codebook_size=2)  # 4 tuples for 48 items, 80 users
+    m = trainer.model
+    stats = m.train_stage("warmup", train, None, stage_cfg(trainer))
+    assert stats["item_collision_rate"] > 0.5 and stats["user_collision_rate"] > 0.5
+    for sid in (m.item_sid[1:], m.user_sid[1:]):
+        assert sid.shape[1] == m.M + 1 and len(torch.unique(sid, dim=0)) == len(sid)
+
+
+def test_suffix_overflow_is_a_clear_error(tmp_path):
+    _, trainer, train, *_ = build(tmp_path, ttds_codebook_size=2, ttds_suffix_size=4)
+    with pytest.raises(ValueError, match="share one code tuple"):
+        trainer.model.train_stage("warmup", train, None, stage_cfg(trainer))
+
+
+def test_warmup_keeps_the_llm_bit_identical_and_halves_l_dm(tmp_path):
+    _, trainer, train, *_ = build(tmp_path, warmup_epochs=40, warmup_learning_rate=0.01)
+    m = trainer.model
+    before = {k: v.clone() for k, v in m.llm.state_dict().items()}
+    stats = m.train_stage("warmup", train, None, stage_cfg(trainer))
+    after = m.llm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in m.llm.parameters())  # unfrozen again for the joint stage
+    for kind in ("item", "user"):
+        assert stats["L_DM_last"][kind] < 0.5 * stats["L_DM_first"][kind], stats
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_l_id_alone_reaches_encoder_codebooks_and_llm_with_a_detached_target(tmp_path, lora):
+    _, trainer, train, *_ = build(tmp_path, use_lora=lora)
+    m = trainer.model
+    m.train_stage("warmup", train, None, {**stage_cfg(trainer), "epochs": 0})
+    x = m.text_repr(m.item_text_ids[1:17]).requires_grad_(True)
+    m.zero_grad()
+    m.dm_loss("item", x)["id"].backward()
+    assert x.grad is None  # the text target (and the towers' input) is stop-gradient
+    tower = m.item_tower
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in tower.encoder.parameters() if p.dim() == 2)
+    assert tower.codebooks.grad.abs().sum() > 0
+    llm_grads = [p.grad for n, p in m.llm.named_parameters() if p.requires_grad and "embed" not in n
+                 and "shared" not in n]
+    assert llm_grads and any(g is not None and g.abs().sum() > 0 for g in llm_grads)
+    if lora:
+        assert all(not p.requires_grad for n, p in m.llm.named_parameters() if "lora_" not in n
+                   and "trainable_tokens" not in n and "token_adapter" not in n)
+
+
+def test_dynamic_ids_change_between_epochs_and_ttss_keeps_them(tmp_path):
+    common = {"epochs": 2, "learning_rate": 0.05, "alpha": 1.0}
+    _, trainer, train, valid, _ = build(tmp_path / "dyn", **common)
+    changes = []
+    original = trainer.model.refresh_ids
+
+    def spy():
+        stats = original()
+        changes.append(stats)
+        return stats
+
+    trainer.model.refresh_ids = spy
+    trainer.fit(train, valid, saved=False)
+    joint = changes[1:]  # the first refresh is the warm-up's
+    assert len(joint) == 2 and max(c["item_changed"] for c in joint) > 0, changes
+
+    _, trainer, train, valid, _ = build(tmp_path / "static", ttds_dynamic=False, **common)
+    trainer.fit(train, valid, saved=False)
+    stage = torch.load(trainer.stage_files["warmup"], weights_only=False)["state"]
+    assert torch.equal(trainer.model.item_sid, stage["item_sid"])
+    assert torch.equal(trainer.model.user_sid, stage["user_sid"])
+    assert not any(p.requires_grad for p in trainer.model.item_tower.parameters())
+
+
+@pytest.mark.parametrize("preset", ["t5-tiny", "qwen2-tiny"])
+def test_decoding_uses_the_current_table_and_matches_exact_likelihoods(tmp_path, preset):
+    _, trainer, train, valid, test = build(tmp_path, llm_preset=preset)
+    m = trainer.model
+    trainer.fit(train, valid, saved=False)
+    m.eval()
+    # a new table from a dynamic refresh: decoding must follow it, not a stale trie
+    _ = m.trie
+    old = m.item_sid.clone()
+    with torch.no_grad():
+        m.item_tower.codebooks[0] = m.item_tower.codebooks[0][torch.randperm(m.N)]
+    stats = m.refresh_ids()
+    m.eval()
+    assert stats["item_changed"] > 0 and not torch.equal(old, m.item_sid)
+    batch = next(iter(test))[0][torch.arange(6)]
+    items, scores = m.beam_search(batch, beam_size=m.n_items - 1)  # the whole catalogue
+    assert ((items >= 1) & (items < m.n_items)).all()
+    assert all(len(set(row.tolist())) == len(row) for row in items)
+    B = len(items)
+    all_items = torch.arange(1, m.n_items).repeat(B)
+    rep = batch.repeat_interleave(m.n_items - 1)
+    rep.update(type(batch)({m.ITEM_ID: all_items}))
+    exact = torch.full((B, m.n_items), float("-inf"))
+    exact[:, 1:] = m.predict(rep).view(B, -1)
+    assert torch.equal(items[:, :10], exact.topk(10, dim=1).indices)
+    assert torch.allclose(scores[:, :10], exact.topk(10, dim=1).values, atol=1e-4)
+
+
+def test_user_task_and_user_texts_hold_only_training_interactions(tmp_path):
+    config, trainer, train, valid, test = build(tmp_path)
+    m = trainer.model
+    inter = train._dataset.inter_feat
+    train_pairs = set(zip(inter[m.ITEM_ID].tolist(), inter[m.USER_ID].tolist()))
+    for item in range(1, m.n_items):
+        lo, hi = int(m.item_user_indptr[item]), int(m.item_user_indptr[item + 1])
+        for user in m.item_user_seq[lo:hi].tolist():
+            assert (item, user) in train_pairs
+    held_out = set()
+    for split in (valid, test):
+        d = split._dataset.inter_feat
+        held_out |= set(zip(d[m.USER_ID].tolist(), d[m.ITEM_ID].tolist()))
+    seen = set(train_pairs)  # training interactions: targets and the items of their histories
+    for row_user, seq in zip(inter[m.USER_ID].tolist(), inter[m.ITEM_SEQ].tolist()):
+        seen |= {(i, row_user) for i in seq if i}
+    for user, item in held_out:  # a validation/test interaction is never among a user's training items
+        assert item not in m.train_items[user] or (item, user) in seen
+    assert all((i, u) in seen for u in range(1, len(m.train_items)) for i in m.train_items[u])
+    # the user text lists exactly the titles of the last 10 training items
+    from recbole_genrec.data import load_item_texts
+
+    titles = load_item_texts(config, train._dataset, [config["item_text_fields"][0]])
+    u = 1
+    expected = ", ".join(titles[i].split(": ", 1)[-1] for i in m.train_items[u][-10:])
+    assert m.user_text_strings[u] == f"recent: {expected}"
+    # user prediction: the next user is a later training user of the same item
+    items = torch.arange(1, m.n_items)
+    batch = m.user_task_batch(items)
+    for item, context, nxt in zip(*batch):
+        lo, hi = int(m.item_user_indptr[item]), int(m.item_user_indptr[item + 1])
+        seq = m.item_user_seq[lo:hi].tolist()
+        ctx = [c for c in context.tolist() if c]
+        pos = len(ctx)
+        assert int(nxt) in seq and ctx == seq[seq.index(int(nxt)) - pos: seq.index(int(nxt))]
+
+
+@pytest.mark.parametrize("flags, tasks, user_tower, dynamic", [
+    ({}, ["next_item", "user"], True, True),                              # TTDS
+    ({"ttds_user_tower": False}, ["next_item"], False, True),             # STDS
+    ({"ttds_dynamic": False}, ["next_item", "user"], True, False),        # TTSS
+    ({"ttds_tasks": ["next_item"]}, ["next_item"], True, True),           # TTDS-HO
+])
+def test_each_ablation_builds_exactly_its_tasks(tmp_path, flags, tasks, user_tower, dynamic):
+    _, trainer, train, *_ = build(tmp_path, **flags)
+    m = trainer.model
+    assert m.tasks == tasks and (m.user_tower is not None) == user_tower and m.dynamic == dynamic
+    m.train_stage("warmup", train, None, stage_cfg(trainer))
+    batch = next(iter(train))
+    m.calculate_loss(batch)
+    assert sorted(k for k in m.last_losses if k != "dm") == sorted(tasks)
+    prompt = m.next_item_prompt(batch)
+    has_user_tokens = ((prompt >= m.user_offset) & (prompt < m.user_offset + m.n_id)).any()
+    assert bool(has_user_tokens) == user_tower
+
+
+def test_alpha_zero_gives_exactly_l_llm(tmp_path):
+    for alpha in (0.0, 0.5):
+        _, trainer, train, *_ = build(tmp_path / str(alpha), alpha=alpha)
+        m = trainer.model
+        m.train_stage("warmup", train, None, stage_cfg(trainer))
+        m.eval()  # no dropout: the two evaluations below see the same network
+        batch = next(iter(train))
+        torch.manual_seed(0)
+        total = m.calculate_loss(batch)
+        torch.manual_seed(0)
+        l_llm = m.seq2seq_loss(m.next_item_prompt(batch), m.item_sid[batch[m.POS_ITEM_ID]])
+        items, context, nxt = m.user_task_batch(torch.unique(batch[m.POS_ITEM_ID]))
+        l_llm = (l_llm + m.seq2seq_loss(m.user_prompt(items, context), m.user_sid[nxt])) / 2
+        if alpha == 0:
+            assert torch.equal(total, l_llm)
+        else:
+            assert not torch.allclose(total, l_llm)
+            assert torch.allclose(total, l_llm + alpha * torch.tensor(m.last_losses["dm"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("indexer", ["lsh", "random"])
+def test_lsh_and_random_indexers(tmp_path, indexer):
+    _, trainer, train, *_ = build(tmp_path, ttds_indexer=indexer, ttds_codebook_size=4)
+    m = trainer.model
+    assert m.token_embedding == "free" and m.id_token_table("item") is None
+    m.train_stage("warmup", train, None, stage_cfg(trainer))
+    x = m.text_repr(m.item_text_ids[1:])
+    codes = m.compute_codes("item", x)
+    if indexer == "lsh":  # sign bits of fixed random projections of the centred X
+        proj = torch.einsum("nd,lbd->nlb", x - x.mean(0), m.lsh_planes)
+        assert torch.equal(codes, ((proj > 0).long() * torch.tensor([1, 2])).sum(-1))
+    else:
+        assert torch.equal(codes, m.compute_codes("item", x + 5.0))  # random codes ignore X
+    assert torch.equal(m.item_sid[1:, : m.M] - m.item_offset - torch.arange(m.M) * m.N, codes)
+
+
+@pytest.mark.parametrize("preset", ["t5-tiny", "qwen2-tiny"])
+def test_ttds_end_to_end_saves_and_reloads(tmp_path, preset):
+    result = run_recbole_genrec("TTDS", "genrec-tiny", [TINY_YAML],
+                                {"checkpoint_dir": str(tmp_path), **SMALL, "llm_preset": preset}, saved=True)
+    assert "ndcg@10" in result["test_result"]
+    assert glob.glob(os.path.join(tmp_path, "TTDS-genrec-tiny-warmup-*.pth"))
+    config, model, data, train, valid, test = load_data_and_model(result["model_file"])
+    model.eval()
+    batch = next(iter(test))[0]
+    scores = model.full_sort_predict(batch)
+    assert (torch.isfinite(scores).sum(1) == config["beam_size"]).all()
+    checkpoint = torch.load(result["model_file"], weights_only=False)
+    assert torch.equal(model.item_sid, checkpoint["state_dict"]["item_sid"])
+    _, model2, *_ = load_data_and_model(result["model_file"])
+    model2.eval()
+    assert torch.equal(scores, model2.full_sort_predict(batch))
