@@ -6,12 +6,17 @@ every other ``--key=value`` overrides the config (RecBole's ``Config`` reads the
 ``--protocol=warm_cold`` (with ``--compare`` or ``--model``) runs SETRec's warm/cold protocol;
 ``--protocol=unseen_users`` runs TokenRec's unseen-user protocol. ``--nproc``, ``--ip``, ``--port``,
 ``--world_size``, ``--group_offset`` start a distributed run as RecBole's ``run_recbole.py`` does.
+``--seeds=2020,2021,2022`` trains each model once per seed (tables show mean ± std over seeds);
+``--report=DIR`` writes the table, PNG plots and ``report.md`` to DIR (``pip install
+"recbole_genrec[report]"``). With ``--model``, either of them runs a one-model ``--compare``.
 """
 
 import argparse
+import sys
 
 
 def main(argv=None):
+    from recbole_genrec.evaluation.protocols import parse_seeds
     from recbole_genrec.quick_start import compare, run_recbole_genrec, run_unseen_users, run_warm_cold
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -22,6 +27,10 @@ def main(argv=None):
     parser.add_argument("--protocol", type=str, default=None, choices=[None, "warm_cold", "unseen_users"],
                         help="warm_cold: global time-ordered 8:1:1 split, metrics on all/warm/cold targets; "
                              "unseen_users: TokenRec with 5%% of users kept out of training")
+    parser.add_argument("--seeds", type=str, default=None,
+                        help="comma-separated seeds: each model runs once per seed, tables show mean ± std")
+    parser.add_argument("--report", type=str, default=None, metavar="DIR",
+                        help="write the table, PNG plots and report.md to DIR (needs matplotlib)")
     parser.add_argument("--nproc", type=int, default=1, help="processes of a distributed run (gloo on CPU, NCCL on GPU)")
     parser.add_argument("--ip", type=str, default="localhost", help="master address of a distributed run")
     parser.add_argument("--port", type=str, default="5678", help="master port of a distributed run")
@@ -29,12 +38,21 @@ def main(argv=None):
     parser.add_argument("--group_offset", type=int, default=0, help="rank offset of this node's processes")
     args, _ = parser.parse_known_args(argv)
     config_files = args.config_files.strip().split(" ") if args.config_files else None
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as error:
+        parser.error(str(error))
+    extra = {"seeds": seeds, "report_dir": args.report}
+    if seeds and any(arg.startswith("--seed=") for arg in (sys.argv[1:] if argv is None else argv)):
+        parser.error("give either --seed (one run) or --seeds (one run per seed), not both")
+    if (seeds or args.report) and (args.nproc > 1 or args.world_size > 0):
+        parser.error("--seeds and --report run in one process: drop --nproc / --world_size")
     if args.protocol == "warm_cold":
-        return run_warm_cold(args.compare or args.model, args.dataset, config_file_list=config_files)
+        return run_warm_cold(args.compare or args.model, args.dataset, config_file_list=config_files, **extra)
     if args.protocol == "unseen_users":
-        return run_unseen_users(args.dataset, config_file_list=config_files)
-    if args.compare:
-        return compare(args.compare, args.dataset, config_file_list=config_files)
+        return run_unseen_users(args.dataset, config_file_list=config_files, **extra)
+    if args.compare or seeds or args.report:
+        return compare(args.compare or args.model, args.dataset, config_file_list=config_files, **extra)
     return run_recbole_genrec(model=args.model, dataset=args.dataset, config_file_list=config_files,
                               nproc=args.nproc, world_size=args.world_size, ip=args.ip, port=args.port,
                               group_offset=args.group_offset)

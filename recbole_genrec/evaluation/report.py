@@ -1,0 +1,406 @@
+"""Result tables (markdown + CSV, mean ± std over seeds) and the optional PNG report.
+
+Tables need nothing beyond the standard library. Plots need matplotlib (the ``report`` extra,
+``pip install "recbole_genrec[report]"``), imported only when a report is asked for and drawn
+with the Agg canvas (no display, no pyplot state). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+from logging import getLogger
+
+from recbole_genrec.atomic import atomic_write, atomic_write_text
+
+REPORT_INSTALL_HINT = 'pip install "recbole_genrec[report]"'
+PACKAGES = ("recbole_genrec", "recbole", "torch", "transformers", "numpy", "pandas", "matplotlib")
+
+
+# ----- tables --------------------------------------------------------------------------------
+def write_table(rows: list[dict], output_dir: str, stem: str, title: str) -> str:
+    """Write ``rows`` (dicts sharing keys) as ``<stem>.md`` and ``<stem>.csv`` (atomically) and print."""
+    header = _header(rows)
+    cells = [[_cell(key, row.get(key)) for key in header] for row in rows]
+    return _write(header, cells, cells, output_dir, stem, title)
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (str, int)):
+        return str(value)
+    return f"{float(value):.1f}" if key.endswith("_s") else f"{float(value):.4f}"
+
+
+def _header(rows: list[dict], skip=()) -> list[str]:
+    header = []
+    for row in rows:
+        header += [key for key in row if key not in header and key not in skip]
+    return header
+
+
+def _write(header, md_cells, csv_cells, output_dir, stem, title, csv_header=None) -> str:
+    md_lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md_lines += ["| " + " | ".join(line) + " |" for line in md_cells]
+    table = "\n".join(md_lines) + "\n"
+    md_path, csv_path = os.path.join(output_dir, f"{stem}.md"), os.path.join(output_dir, f"{stem}.csv")
+    atomic_write_text(md_path, f"# {title}\n\n" + table)
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([csv_header or header, *csv_cells])
+    atomic_write_text(csv_path, buffer.getvalue())
+    print(table)
+    print(f"written: {md_path} and {csv_path}")
+    getLogger().info(f"{title}\n" + table)
+    return table
+
+
+def summarize(rows: list[dict], group_keys=("model",)) -> list[dict]:
+    """Group per-seed rows (each with a ``seed`` key) by ``group_keys``, in order of appearance.
+
+    Each summary holds the group keys, ``seeds`` (list), ``rows`` (the per-seed rows) and
+    ``mean`` / ``std`` (``{column: value}`` over the numeric columns; std is the sample standard
+    deviation over seeds, 0.0 with a single seed).
+    """
+    groups: dict[tuple, dict] = {}
+    for row in rows:
+        key = tuple(row[k] for k in group_keys)
+        group = groups.setdefault(key, {**dict(zip(group_keys, key)), "seeds": [], "rows": []})
+        group["seeds"].append(row.get("seed"))
+        group["rows"].append(row)
+    for group in groups.values():
+        columns = _header(group["rows"], skip=(*group_keys, "seed"))
+        group["mean"], group["std"] = {}, {}
+        for column in columns:
+            values = [r.get(column) for r in group["rows"]]
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+                continue
+            values = [float(v) for v in values]
+            group["mean"][column] = statistics.fmean(values)
+            group["std"][column] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return list(groups.values())
+
+
+def write_seed_table(rows: list[dict], group_keys, output_dir: str, stem: str, title: str):
+    """Per-seed ``rows`` (each with ``seed``) as one table: the markdown shows one line per group
+    (``group_keys``) with ``mean ± std`` over seeds (the plain value with one seed); the CSV holds
+    every per-seed row and, with several seeds, a ``mean`` and a ``std`` row per group (full
+    precision). Returns ``(markdown_table, summaries)`` (see :func:`summarize`)."""
+    summaries = summarize(rows, group_keys)
+    columns = _header(rows, skip=(*group_keys, "seed"))
+    header = [*group_keys, "seeds", *columns]
+    md_cells, csv_cells = [], []
+    for group in summaries:
+        several = len(group["rows"]) > 1
+        line = [str(group[k]) for k in group_keys] + [", ".join(str(s) for s in group["seeds"])]
+        for column in columns:
+            values = [r.get(column) for r in group["rows"]]
+            if column not in group["mean"]:  # not numeric: the first seed's value
+                line.append(_cell(column, values[0]))
+            elif not several or (all(isinstance(v, int) for v in values) and len(set(values)) == 1):
+                line.append(_cell(column, values[0]))  # one seed, or a count that seeds do not change
+            else:
+                digits = 1 if column.endswith("_s") else 4
+                line.append(f"{group['mean'][column]:.{digits}f} ± {group['std'][column]:.{digits}f}")
+        md_cells.append(line)
+        for row in group["rows"]:
+            csv_cells.append([_raw(row[k]) for k in group_keys] + [_raw(row.get("seed"))]
+                             + [_raw(row.get(c)) for c in columns])
+        if several:
+            for stat in ("mean", "std"):
+                csv_cells.append([_raw(group[k]) for k in group_keys] + [stat]
+                                 + [_raw(group[stat].get(c)) for c in columns])
+    csv_header = [*group_keys, "seed", *columns]
+    os.makedirs(output_dir, exist_ok=True)
+    table = _write(header, md_cells, csv_cells, output_dir, stem, title, csv_header=csv_header)
+    return table, summaries
+
+
+def _raw(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (str, int)):
+        return str(value)
+    return f"{float(value):.10g}"  # full precision without float noise (0.1282, not 0.12819999999999998)
+
+
+# ----- plots ---------------------------------------------------------------------------------
+def _figure(width: float, height: float):
+    """A matplotlib ``Figure`` on the Agg canvas (no pyplot, no display)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(f"the report (report_dir / --report) draws with matplotlib, which is not "
+                          f"installed: {REPORT_INSTALL_HINT}") from error
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def require_matplotlib() -> None:
+    """Fail early (before any training) with the install hint when matplotlib is missing."""
+    _figure(1, 1)
+
+
+def _save(fig, path: str) -> str:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def metric_columns(summary: dict) -> list[str]:
+    """Test metric columns of a summary (``recall@10`` ...): not times, not counts."""
+    return [c for c in summary["mean"] if not c.endswith("_s") and c != "n"]
+
+
+def _grouped_bars(ax, categories: list[str], series: list[tuple[str, list, list]], with_errors: bool):
+    """Bars for each category (x) and each series (label, means, stds), side by side."""
+    import numpy as np
+
+    x = np.arange(len(categories))
+    width = 0.8 / max(len(series), 1)
+    for i, ((label, means, stds), color) in enumerate(zip(series, _colors(len(series)))):
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar(x + offset, means, width, label=label, color=color,
+               yerr=stds if with_errors else None, capsize=3 if with_errors else 0,
+               error_kw={"elinewidth": 1, "ecolor": "black"})
+    ax.set_xticks(x, categories)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+def plot_test_metrics(summaries: list[dict], path: str, title: str) -> str:
+    """(a) Test metrics per model as grouped bars; error bars are the std over seeds."""
+    metrics = metric_columns(summaries[0])
+    several = any(len(s["seeds"]) > 1 for s in summaries)
+    fig = _figure(max(6.0, 0.9 * len(metrics) * max(1, len(summaries) / 2) + 2), 4.2)
+    ax = fig.add_subplot()
+    nan = float("nan")  # a metric a model does not report gets no bar
+    series = [(s["model"], [s["mean"].get(m, nan) for m in metrics], [s["std"].get(m, nan) for m in metrics])
+              for s in summaries]
+    _grouped_bars(ax, metrics, series, several)
+    ax.set_ylabel("test score")
+    ax.set_title(title + (f" (mean ± std over {len(summaries[0]['seeds'])} seeds)" if several else ""))
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.set_ylim(0, _top(series))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _save(fig, path)
+
+
+def _top(series) -> float:
+    top = max([m + s for _, means, stds in series for m, s in zip(means, stds) if not math.isnan(m + s)] or [0.0])
+    return top * 1.15 if top > 0 else 1.0
+
+
+def plot_valid_curves(runs: list[dict], path: str, title: str) -> str:
+    """(b) Validation score per evaluated epoch for each model (mean ± std band over seeds)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(6.8, 4.2)
+    ax = fig.add_subplot()
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    metric = next((r.get("valid_metric") for r in runs if r.get("valid_metric")), "valid score")
+    drawn = False
+    for name, color in zip(models, _colors(len(models))):
+        curves = [dict(r.get("valid_curve") or []) for r in runs if r["model"] == name]
+        epochs = sorted({e for c in curves for e in c})
+        if not epochs:
+            continue
+        drawn = True
+        values = [[c[e] for c in curves if e in c] for e in epochs]
+        means = [statistics.fmean(v) for v in values]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        label = name + (f" ({len(curves)} seeds, mean ± std)" if len(curves) > 1 else "")
+        ax.errorbar(epochs, means, yerr=stds if len(curves) > 1 else None, marker="o", color=color, label=label,
+                    capsize=3)
+        if len(curves) > 1 and len(epochs) > 1:
+            ax.fill_between(epochs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            color=color, alpha=0.2, linewidth=0)
+    if not drawn:
+        ax.text(0.5, 0.5, "no validation epochs were recorded", ha="center", va="center", transform=ax.transAxes)
+    every = sorted({e for r in runs for e, _ in (r.get("valid_curve") or [])})
+    if every:
+        ax.set_xlim(every[0] - 0.5, every[-1] + 0.5)
+    if 0 < len(every) <= 15:
+        ax.set_xticks(every)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"valid {metric}")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _save(fig, path)
+
+
+def plot_inference_time(runs: list[dict], path: str, title: str) -> str:
+    """(c) Test-time inference per user (test_time_s / test users) on a log axis: a dot per seed,
+    a diamond for the mean, a line over the range of the seeds."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    fig = _figure(6.8, 1.5 + 0.5 * len(models))
+    ax = fig.add_subplot()
+    every = []
+    for y, (name, color) in enumerate(zip(models, _colors(len(models)))):
+        times = [1000.0 * r["test_time_s"] / r["n_test_users"] for r in runs
+                 if r["model"] == name and r.get("n_test_users") and r.get("test_time_s")]
+        if not times:
+            continue
+        every += times
+        mean = statistics.fmean(times)
+        ax.hlines(y, min(times), max(times), color=color, linewidth=2, alpha=0.6)
+        ax.plot([mean], [y], "D", color=color, markersize=9, alpha=0.7, zorder=2)
+        ax.plot(times, [y] * len(times), "o", color=color, markersize=5, markerfacecolor="white", zorder=3)
+        ax.annotate(f"{mean:.3g} ms", (max(times), y), xytext=(10, 0), textcoords="offset points", va="center")
+    ax.set_xscale("log")
+    if every:
+        ax.set_xlim(min(every) / 3, max(every) * 8)  # at least one decade, room for the labels
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_yticks(range(len(models)), models)
+    ax.set_ylim(len(models) - 0.5, -0.5)
+    ax.set_xlabel("inference time per test user [ms], log scale")
+    ax.set_title(title)
+    ax.grid(axis="x", which="major", alpha=0.3)
+    handles = [Line2D([], [], marker="D", linestyle="", color="gray", label="mean"),
+               Line2D([], [], marker="o", linestyle="", color="gray", markerfacecolor="white", label="per seed")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _save(fig, path)
+
+
+def plot_groups(summaries: list[dict], group_key: str, path: str, title: str) -> str:
+    """(d) One panel per test metric: bars for each group (warm/cold targets, seen/unseen users)
+    and each model, error bars = std over seeds."""
+    metrics = metric_columns(summaries[0])
+    groups = list(dict.fromkeys(s[group_key] for s in summaries))
+    models = list(dict.fromkeys(s["model"] for s in summaries))
+    several = any(len(s["seeds"]) > 1 for s in summaries)
+    by_key = {(s["model"], s[group_key]): s for s in summaries}
+    counts = {s[group_key]: int(s["mean"]["n"]) for s in summaries if "n" in s["mean"]}
+    tick_labels = [f"{g}\n(n={counts[g]})" if g in counts else str(g) for g in groups]
+    ncols = min(len(metrics), 4) or 1
+    nrows = (len(metrics) + ncols - 1) // ncols or 1
+    fig = _figure(max(3.0 * ncols + 0.6, 7.0), 3.0 * nrows + 1.2)
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    for ax, metric in zip(axes, metrics):
+        series = []
+        for name in models:
+            rows = [by_key.get((name, g)) for g in groups]
+            nan = float("nan")  # a group without targets/users gets no bar
+            series.append((name, [r["mean"].get(metric, nan) if r else nan for r in rows],
+                           [r["std"].get(metric, nan) if r else nan for r in rows]))
+        _grouped_bars(ax, tick_labels, series, several)
+        ax.set_title(metric)
+        ax.set_ylim(0, _top(series))
+        for x, group in enumerate(groups):
+            if counts.get(group) == 0:
+                ax.text(x, 0.02, f"no {group_key}", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                        color="gray", fontsize="small")
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(models), 6), frameon=False)
+    fig.suptitle(title + ("\n(mean ± std over seeds)" if several else ""))
+    return _save(fig, path)
+
+
+# ----- report.md -----------------------------------------------------------------------------
+def git_commit() -> str:
+    """``git rev-parse HEAD`` of the package's checkout, or ``unknown``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def package_versions() -> dict:
+    from importlib import metadata
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    try:
+        import torch
+
+        info["gpu"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) \
+            if torch.cuda.is_available() else "none"
+    except Exception:  # noqa: BLE001 - the report never fails for want of a GPU name
+        info["gpu"] = "unknown"
+    return info
+
+
+def write_report(report_dir: str, title: str, table: str, table_stem: str, images: list[tuple[str, str]],
+                 seeds: list) -> str:
+    """``report.md``: the table, the images (``(heading, path)``, embedded by relative path), the
+    exact command, git commit, package versions and machine."""
+    lines = [f"# {title}", "",
+             f"- command: `{shlex.join([os.path.basename(sys.executable), *sys.argv])}`",
+             f"- git commit: `{git_commit()}`",
+             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+             f"- seeds: {', '.join(str(s) for s in seeds)}",
+             "- packages: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()),
+             "- machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()),
+             "", "## Results", "",
+             f"Mean ± std over seeds (sample std); per-seed rows in [{table_stem}.csv]({table_stem}.csv).", "",
+             table]
+    for heading, path in images:
+        rel = os.path.relpath(path, report_dir).replace(os.sep, "/")
+        lines += [f"## {heading}", "", f"![{heading}]({rel})", ""]
+    path = os.path.join(report_dir, "report.md")
+    atomic_write_text(path, "\n".join(lines))
+    print(f"written: {path}")
+    return path
+
+
+def build_report(report_dir: str, title: str, table: str, table_stem: str, summaries: list[dict],
+                 runs: list[dict], group_key: str | None = None, label: str | None = None) -> str:
+    """Every plot of a run plus ``report.md``. ``summaries`` from :func:`write_seed_table`, ``runs``
+    one dict per (model, seed) with ``model``, ``seed``, ``valid_curve``, ``valid_metric``,
+    ``test_time_s`` and ``n_test_users``; ``group_key`` (``targets`` / ``users``) draws the group
+    panels instead of the plain test-metric bars; ``label`` starts the plot titles."""
+    os.makedirs(report_dir, exist_ok=True)
+    out = lambda name: os.path.join(report_dir, f"{table_stem}-{name}.png")  # noqa: E731
+    label = label or table_stem
+    images = []
+    if group_key is None:
+        images.append(("Test metrics", plot_test_metrics(summaries, out("test_metrics"), f"{label}: test metrics")))
+    else:
+        groups = " / ".join(dict.fromkeys(str(s[group_key]) for s in summaries))
+        images.append((f"Test metrics by {group_key}", plot_groups(
+            summaries, group_key, out(group_key), f"{label}: test metrics on {groups} {group_key}")))
+    images.append(("Validation curves", plot_valid_curves(
+        runs, out("valid_curves"), f"{label}: validation score per epoch")))
+    images.append(("Inference time per user", plot_inference_time(
+        runs, out("inference_time"), f"{label}: inference time per test user")))
+    seeds = list(dict.fromkeys(r.get("seed") for r in runs))
+    return write_report(report_dir, title, table, table_stem, images, seeds)

@@ -1,0 +1,179 @@
+"""Seeds (mean ± std tables, per-seed CSV rows) and the PNG report of compare and the protocols."""
+
+import csv
+import logging
+import os
+import statistics
+import sys
+
+import pytest
+
+import recbole_genrec  # noqa: F401
+from conftest import TINY_YAML
+from recbole_genrec.evaluation import protocols, report
+from recbole_genrec.quick_start import compare
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SETREC_SMALL = {"cf_epochs": 1, "n_sem": 2, "cf_hidden_size": 16, "setrec_beta_grid": [0.0, 1.0]}
+
+
+def _md_table(path) -> list[dict]:
+    """The rows of the markdown table in ``path`` as ``{column: cell}``."""
+    lines = [line for line in open(path).read().splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def _assert_png(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC, path
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400, (path, image.shape)
+
+
+def _assert_report_md(folder, stem, n_images):
+    text = open(os.path.join(folder, "report.md")).read()
+    images = [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]
+    assert len(images) == n_images
+    for image in images:
+        assert not os.path.isabs(image) and image.startswith(stem)
+        _assert_png(os.path.join(folder, image))
+    for needle in ("- command: ", "- git commit: ", "recbole 1.", "torch ", "transformers ", "numpy ", "pandas ",
+                   "recbole_genrec ", "cpu_count ", "gpu ", "± "):
+        assert needle in text, needle
+    return text
+
+
+def test_compare_report_with_seeds(tmp_path, ckpt, caplog):
+    """``--compare=SASRec,SETRec --dataset=genrec-tiny --epochs=1 --seeds=1,2 --report=out``."""
+    caplog.set_level(logging.INFO)
+    out = str(tmp_path / "out")
+    results = compare("SASRec,SETRec", "genrec-tiny", [TINY_YAML], {**ckpt, "epochs": 1, **SETREC_SMALL},
+                      saved=False, seeds=[1, 2], report_dir=out)
+    assert set(results) == {"SASRec", "SETRec"}
+    for name in results:
+        assert set(results[name]) == {1, 2}
+        for seed, result in results[name].items():
+            assert result["seed"] == seed and result["n_test_users"] > 0
+            assert [epoch for epoch, _ in result["valid_curve"]] == [0]  # one epoch, one validation
+
+    # the markdown table: mean ± std over the per-seed results the API returned
+    rows = {row["model"]: row for row in _md_table(os.path.join(out, "compare-genrec-tiny.md"))}
+    assert set(rows) == {"SASRec", "SETRec"}
+    for name, per_seed in results.items():
+        assert rows[name]["seeds"] == "1, 2"
+        metrics = per_seed[1]["test_result"]
+        assert "ndcg@10" in metrics
+        for metric in metrics:
+            values = [per_seed[s]["test_result"][metric] for s in (1, 2)]
+            expected = f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+            assert rows[name][metric] == expected, (name, metric)
+        times = [per_seed[s]["train_time_s"] for s in (1, 2)]
+        assert rows[name]["train_time_s"] == f"{statistics.fmean(times):.1f} ± {statistics.stdev(times):.1f}"
+
+    # the CSV: every per-seed row, then mean and std rows, full precision
+    with open(os.path.join(out, "compare-genrec-tiny.csv")) as f:
+        records = list(csv.DictReader(f))
+    assert [(r["model"], r["seed"]) for r in records] == [
+        (m, s) for m in ("SASRec", "SETRec") for s in ("1", "2", "mean", "std")]
+    for r in records:
+        per_seed = results[r["model"]]
+        for metric in per_seed[1]["test_result"]:
+            values = [per_seed[s]["test_result"][metric] for s in (1, 2)]
+            expected = {"1": values[0], "2": values[1], "mean": statistics.fmean(values),
+                        "std": statistics.stdev(values)}[r["seed"]]
+            assert float(r[metric]) == pytest.approx(expected, abs=1e-9), (r["model"], r["seed"], metric)
+
+    # the report: three PNGs embedded by relative path, the run's provenance
+    for kind in ("test_metrics", "valid_curves", "inference_time"):
+        _assert_png(os.path.join(out, f"compare-genrec-tiny-{kind}.png"))
+    _assert_report_md(out, "compare-genrec-tiny", 3)
+
+    # progress: one line per model and seed, and the stage lines of the staged trainer
+    messages = [record.getMessage() for record in caplog.records]
+    for i, name in enumerate(("SASRec", "SETRec"), 1):
+        for j, seed in enumerate((1, 2), 1):
+            label = f"model {i}/2: {name} (seed {seed}, {j}/2)"
+            assert any(label in m and "... done in " in m for m in messages), label
+    assert any("stage [cf]" in m and "time_s" in m for m in messages)
+
+
+def test_warm_cold_report_with_seeds(tmp_path):
+    out = tmp_path / "wc"
+    results = protocols.run_warm_cold("SASRec", "genrec-tiny", [TINY_YAML],
+                                      {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 1}, saved=False,
+                                      seeds="3,4", report_dir=str(out))
+    assert set(results["SASRec"]) == {3, 4} and "ndcg@10" in results["SASRec"][3]["all"]
+    rows = {row["targets"]: row for row in _md_table(out / "warm_cold-genrec-tiny.md")}
+    values = [results["SASRec"][s]["all"]["ndcg@10"] for s in (3, 4)]
+    assert rows["all"]["ndcg@10"] == f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+    for kind in ("targets", "valid_curves", "inference_time"):
+        _assert_png(out / f"warm_cold-genrec-tiny-{kind}.png")
+    _assert_report_md(str(out), "warm_cold-genrec-tiny", 3)
+
+
+def test_cli_report_one_model_one_seed(tmp_path, monkeypatch):
+    from recbole_genrec.cli import main
+
+    argv = ["--model=SASRec", "--dataset=genrec-tiny", f"--config_files={TINY_YAML}", "--epochs=1",
+            f"--checkpoint_dir={tmp_path / 'saved'}", "--seeds=7", "--report=rep"]
+    monkeypatch.setattr(sys, "argv", ["run_recbole_genrec.py", *argv])  # RecBole's Config reads sys.argv
+    results = main(argv)
+    assert set(results) == {"SASRec"} and set(results["SASRec"]) == {7}
+    row = _md_table(tmp_path / "rep" / "compare-genrec-tiny.md")[0]
+    assert row["model"] == "SASRec" and row["seeds"] == "7"
+    assert row["ndcg@10"] == f"{results['SASRec'][7]['test_result']['ndcg@10']:.4f}"  # one seed: the value
+    text = _assert_report_md(str(tmp_path / "rep"), "compare-genrec-tiny", 3)
+    assert "run_recbole_genrec.py --model=SASRec" in text and "--report=rep" in text
+
+
+def test_cli_refuses_seed_with_seeds():
+    from recbole_genrec.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--model=SASRec", "--seed=1", "--seeds=1,2"])
+
+
+def test_report_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # "not installed"
+    with pytest.raises(ImportError, match=r'pip install "recbole_genrec\[report\]"'):
+        compare("SASRec", "genrec-tiny", [TINY_YAML], {"checkpoint_dir": str(tmp_path)}, report_dir=str(tmp_path))
+    assert not any(n.startswith("SASRec") for n in os.listdir(tmp_path)) and not os.path.exists("log")  # no training
+
+
+def test_parse_seeds():
+    assert protocols.parse_seeds(None) is None
+    assert protocols.parse_seeds("2020, 2021,2022") == [2020, 2021, 2022]
+    assert protocols.parse_seeds([1, 2]) == [1, 2] and protocols.parse_seeds(5) == [5]
+    for bad in ("", "1,a", "1,1"):
+        with pytest.raises(ValueError):
+            protocols.parse_seeds(bad)
+
+
+def test_seed_table_mean_std_and_single_seed(tmp_path, capsys):
+    rows = [{"model": "A", "seed": 1, "n": 10, "ndcg@10": 0.4, "train_time_s": 1.0},
+            {"model": "A", "seed": 2, "n": 10, "ndcg@10": 0.6, "train_time_s": 3.0},
+            {"model": "B", "seed": 1, "n": 10, "ndcg@10": 0.25, "train_time_s": 2.0}]
+    table, summaries = report.write_seed_table(rows, ("model",), str(tmp_path), "t", "title")
+    md = {row["model"]: row for row in _md_table(tmp_path / "t.md")}
+    assert md["A"] == {"model": "A", "seeds": "1, 2", "n": "10", "ndcg@10": "0.5000 ± 0.1414",
+                       "train_time_s": "2.0 ± 1.4"}
+    assert md["B"]["ndcg@10"] == "0.2500" and md["B"]["seeds"] == "1"  # one seed: just the value
+    assert summaries[0]["std"]["ndcg@10"] == pytest.approx(statistics.stdev([0.4, 0.6]))
+    lines = open(tmp_path / "t.csv").read().splitlines()
+    assert lines == ["model,seed,n,ndcg@10,train_time_s", "A,1,10,0.4,1", "A,2,10,0.6,3", "A,mean,10,0.5,2",
+                     "A,std,0,0.1414213562,1.414213562", "B,1,10,0.25,2"]
+    assert "| A | 1, 2 |" in capsys.readouterr().out
+
+
+def test_old_names_stay_importable_from_quick_start():
+    import recbole_genrec.quick_start as qs
+
+    for name in ("WARM_COLD_EVAL_ARGS", "warm_items", "subset_loader", "restricted_catalogue", "warm_cold_metrics",
+                 "run_warm_cold", "run_unseen_users"):
+        assert getattr(qs, name) is getattr(protocols, name), name
+    assert qs.write_table is report.write_table and qs._cell is report._cell
