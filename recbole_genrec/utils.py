@@ -28,7 +28,8 @@ def get_model(model_name: str):
         # RecBole's lookup ends in exlib_recommender, whose import needs xgboost/lightgbm
         raise ValueError(
             f"model '{model_name}' is neither a recbole_genrec model "
-            f"({', '.join(sorted(MODEL_MODULES))}) nor a RecBole model ({err})"
+            f"({', '.join(sorted(MODEL_MODULES))}) nor a RecBole model"
+            + ("" if isinstance(err, ModuleNotFoundError) else f" ({err})")
         ) from err
 
 

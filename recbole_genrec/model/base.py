@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 
+from recbole_genrec.compat import safe_torch_load
 from recbole_genrec.data import TextEncoder, item_text_embeddings, load_item_texts
 
 
@@ -111,7 +112,7 @@ def _fit_best(config, cf_config, cf_model, train_data, valid_data, show_progress
     _, best = trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=False)
     if shared:
         torch.distributed.barrier()  # rank 0 has written the best checkpoint
-    checkpoint = torch.load(trainer.saved_model_file, map_location=config["device"], weights_only=False)
+    checkpoint = safe_torch_load(trainer.saved_model_file, map_location=config["device"])
     cf_model.load_state_dict(checkpoint["state_dict"])
     if shared:
         torch.distributed.barrier()  # every rank has read it
@@ -125,7 +126,7 @@ def load_cf_item_embeddings(path: str, n_items: int) -> torch.Tensor:
     """Item embedding table from a RecBole checkpoint (``cf_model_path``) of the same dataset."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"cf_model_path {path!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = safe_torch_load(path, map_location="cpu")
     state = checkpoint.get("state_dict", checkpoint)
     for key in ("item_embedding.weight", "item_embedding", "embedding_item.weight"):
         if key in state:

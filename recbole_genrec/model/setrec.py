@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from recbole.utils import set_color
 from torch import nn
 
+from recbole_genrec.compat import safe_torch_load
 from recbole_genrec.llm.backbone import apply_lora, backbone_from_config, transformer_body
 from recbole_genrec.model.base import GenerativeRecommender, load_cf_item_embeddings, train_cf_model
 from recbole_genrec.quantize.set_tokenizer import SetTokenizer
@@ -55,7 +56,7 @@ class SETRecTrainer(StagedTrainer):
             return result
         self.wait_for_rank0()
         if saved and os.path.isfile(self.saved_model_file):
-            checkpoint = torch.load(self.saved_model_file, map_location=self.device, weights_only=False)
+            checkpoint = safe_torch_load(self.saved_model_file, map_location=self.device)
             self.model.load_state_dict(checkpoint["state_dict"])
         best_beta, best_score, best_result = None, None, None
         for beta in self.config["setrec_beta_grid"]:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from recbole.utils import InputType
 from torch import nn
 
+from recbole_genrec.compat import safe_torch_load
 from recbole_genrec.decoding.two_level_softmax import faiss_mips_index, faiss_search
 from recbole_genrec.llm.backbone import add_new_tokens, apply_lora, backbone_from_config
 from recbole_genrec.model.base import GenerativeRecommender, train_general_cf_model
@@ -184,7 +185,7 @@ class TokenRec(GenerativeRecommender):
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"cf_model_path {path!r} does not exist")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = safe_torch_load(path, map_location="cpu")
         state, saved = checkpoint.get("state_dict", checkpoint), checkpoint.get("config")
 
         def saved_value(key):  # the checkpoint's RecBole config (or None)

@@ -26,6 +26,7 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 
 from recbole_genrec.atomic import atomic_write
+from recbole_genrec.compat import safe_torch_load
 from recbole_genrec.fingerprint import code_fingerprint, data_fingerprint, digest
 
 STAGE_KEYS = ("epochs", "learning_rate", "batch_size")
@@ -97,7 +98,7 @@ class StagedTrainer(Trainer):
             self.stage_files[stage] = path
             stage_cfg = self.stage_config(stage)
             if self.from_rank0(self.config["resume_stages"] and os.path.isfile(path)):
-                saved = torch.load(path, map_location=self.device, weights_only=False)
+                saved = safe_torch_load(path, map_location=self.device)
                 self.model.load_stage_state_dict(stage, saved["state"])
                 results[stage] = saved.get("metrics", {})
                 self.logger.info(set_color(f"stage [{stage}]", "green") + f" resumed from {path}: {results[stage]}")
