@@ -24,7 +24,7 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
-from recbole_genrec.decoding import PrefixTrie, constrained_beam_search
+from recbole_genrec.decoding import PrefixTrie, constrained_beam_search, seq2seq_stepper
 from recbole_genrec.llm.backbone import add_new_tokens, apply_lora, backbone_from_config
 from recbole_genrec.model.base import GenerativeRecommender
 from recbole_genrec.quantize.codes import build_code_table, code_tokens
@@ -193,14 +193,24 @@ class TIGER(GenerativeRecommender):
         return self._trie
 
     @torch.no_grad()
-    def beam_search(self, interaction, beam_size=None):
-        """Top items by trie-constrained beam search: ``items [B, beam]`` (-1 = none), log-probs."""
+    def beam_search(self, interaction, beam_size=None, use_cache=None):
+        """Top items by trie-constrained beam search: ``items [B, beam]`` (-1 = none), log-probs.
+
+        ``use_cache`` (default: config ``beam_kv_cache``, True when unset): KV-cached decoder
+        steps (encoder once, start token once per user, then one token per beam and step); False
+        re-runs the decoder over the whole prefix each step (the reference path)."""
         beam = beam_size or self.beam_size
         hidden, mask = self._encode(interaction)
         B = hidden.shape[0]
+        start = self.llm.config.decoder_start_token_id or 0
+        if use_cache is None:
+            use_cache = self.config["beam_kv_cache"] is not False
+        if use_cache:
+            step = seq2seq_stepper(self.llm, hidden, mask, start)
+            return constrained_beam_search(step, self.trie, B, beam, self.level_ranges(), device=hidden.device,
+                                           cached=True)
         hidden = hidden.repeat_interleave(beam, 0)
         mask = mask.repeat_interleave(beam, 0)
-        start = self.llm.config.decoder_start_token_id or 0
 
         def step(prefix):
             dec = torch.cat([prefix.new_full((prefix.shape[0], 1), start), prefix], 1)
