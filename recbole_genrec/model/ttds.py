@@ -17,7 +17,9 @@ Generator"). No public code exists; where the paper is silent the choice is ours
   Each tower has its own token range.
 - **Gradient path** (paper silent; our choice): the input embedding of ID token (level l, code c)
   is ``W_up e^l_c + level_l`` (``ttds_token_embedding: codeword``), so the recommender's loss
-  reaches the codebooks; ``free`` gives TIGER-style free rows. In L_ID the entity's own quantised
+  reaches the codebooks; ``free`` gives TIGER-style free rows. With ``ttds_tie_output`` the LM
+  head's code-token logits use the same embeddings (h . (W_up e + level)), as the tied backbones
+  tie their own input and output rows. In L_ID the entity's own quantised
   vectors enter as ``e + (r - sg[r])``: forward value the codeword, gradient to the codebook AND,
   straight through, to the encoder.
 - **DM-VAE** (Sec. 4.2.3, Eq. 12-14), per tower: L_ID = ||f(Sid tokens) - sg[X]||^2 (pooled LLM
@@ -32,8 +34,8 @@ Generator"). No public code exists; where the paper is silent the choice is ours
   current LLM + towers after warm-up and at the start of every joint epoch (``TTDSTrainer``); the
   share of changed IDs is logged. Code tables are persistent buffers, so a checkpoint evaluates
   with the table it was trained with.
-- **Decoding**: the trie-constrained beam search over item Sids, T5 or decoder-only (the prompt is
-  re-run with the prefix each step; no KV cache yet). ``full_sort_predict`` as TIGER's.
+- **Decoding**: the trie-constrained beam search over item Sids, T5 or decoder-only (one engine,
+  KV-cached steps, :mod:`recbole_genrec.decoding.beam_search`). ``full_sort_predict`` as TIGER's.
 - **Ablations** (Table 2): ``ttds_user_tower: False`` (STDS: no user Sids, no user task),
   ``ttds_dynamic: False`` (TTSS: towers and IDs frozen after warm-up), ``alpha: 0`` (TTDS-DM),
   ``ttds_tasks: [next_item]`` (TTDS-HO), ``ttds_levels`` (M), ``ttds_indexer``: ``rq`` |
@@ -54,7 +56,7 @@ from recbole.utils import set_color
 from torch import nn
 
 from recbole_genrec.data import load_item_texts, load_user_texts
-from recbole_genrec.decoding import PrefixTrie, constrained_beam_search
+from recbole_genrec.decoding import PrefixTrie, causal_stepper, constrained_beam_search, seq2seq_stepper
 from recbole_genrec.llm.backbone import add_new_tokens, apply_lora, backbone_from_config, transformer_body
 from recbole_genrec.model.base import GenerativeRecommender
 from recbole_genrec.quantize.codes import build_code_table
@@ -139,6 +141,11 @@ class TTDS(GenerativeRecommender):
         self.up_proj = nn.ModuleDict({"item": nn.Linear(config["ttds_code_dim"], d),
                                       **({"user": nn.Linear(config["ttds_code_dim"], d)} if self.use_user else {})})
         self.level_emb = nn.Parameter(torch.randn(self.M, d) * 0.02)
+        # output side tied to the same codeword embeddings (our choice): a code token's logit is
+        # h . (W_up e + level), so a small move of an item's code is a small move of its logits
+        self.tie_output = bool(config["ttds_tie_output"]) and self.token_embedding == "codeword"
+        if self.tie_output:
+            self.llm.get_output_embeddings().register_forward_hook(self._tied_id_logits)
         # LSH: fixed random hyperplanes, log2(N) sign bits per level
         bits = int(math.log2(self.N)) if self.N > 1 else 1
         g = torch.Generator().manual_seed(int(config["seed"]))
@@ -248,6 +255,16 @@ class TTDS(GenerativeRecommender):
         codewords = tower.codebooks.reshape(self.M * self.N, -1)
         return self.up_proj[kind](codewords) + self.level_emb.repeat_interleave(self.N, 0)
 
+    def _tied_id_logits(self, module, inputs, output):
+        """Forward hook on the LM head: code-token columns become ``h . id_token_table``."""
+        h = inputs[0]
+        pieces, start = [], 0
+        for kind in ("item", "user") if self.use_user else ("item",):
+            lo = self.item_offset if kind == "item" else self.user_offset
+            pieces += [output[..., start:lo], h @ self.id_token_table(kind).to(h.dtype).T]
+            start = lo + self.M * self.N
+        return torch.cat(pieces + [output[..., start:]], -1)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of token ids, code tokens through :meth:`id_token_table`."""
         emb = self.llm.get_input_embeddings()(ids)
@@ -353,12 +370,20 @@ class TTDS(GenerativeRecommender):
             if self.indexer == "rq" and self.dynamic:
                 stats[f"{kind}_reseeded"] = self.follow_representations(kind, x)
             codes = self.compute_codes(kind, x)
-            table = build_code_table(codes, "suffix", suffix_size=self.S)
-            tokens = self.sid_tokens(kind, table)
             target = self.item_sid if kind == "item" else self.user_sid
             old = target[1:].clone()
+            try:
+                table = build_code_table(codes, "suffix", suffix_size=self.S)
+            except ValueError as err:
+                if not bool((old > 0).all()):  # no earlier table to keep: a clear error
+                    raise
+                self.logger.warning(f"TTDS {kind} IDs not refreshed, the previous table is kept: {err}")
+                stats[f"{kind}_changed"] = 0.0
+                continue
+            tokens = self.sid_tokens(kind, table)
             stats[f"{kind}_collision_rate"] = round(1.0 - len(torch.unique(codes, dim=0)) / len(codes), 4)
             stats[f"{kind}_changed"] = round(float((old != tokens).any(1).float().mean()), 4)
+            stats[f"{kind}_changed@0"] = round(float((old[:, 0] != tokens[:, 0]).float().mean()), 4)  # first level
             target[1:] = tokens
             target[0] = self.pad_id
         self._trie = None
@@ -551,11 +576,27 @@ class TTDS(GenerativeRecommender):
         return self._trie
 
     @torch.no_grad()
-    def beam_search(self, interaction, beam_size=None):
-        """Top items by trie-constrained beam search: ``items [B, beam]`` (-1 = none), log-probs."""
+    def beam_search(self, interaction, beam_size=None, use_cache=None):
+        """Top items by trie-constrained beam search: ``items [B, beam]`` (-1 = none), log-probs.
+
+        ``use_cache`` (default: config ``beam_kv_cache``, True when unset): KV-cached steps (T5:
+        encoder once, then one decoder token per beam and step; decoder-only: the prompt once per
+        user, then one token per beam), every input through :meth:`embed`; False re-runs the
+        decoder (T5) or [prompt, prefix] (decoder-only) each step (the reference path)."""
         beam = beam_size or self.beam_size
         prompt = self.next_item_prompt(interaction)
         B = prompt.shape[0]
+        if use_cache is None:
+            use_cache = self.config["beam_kv_cache"] is not False
+        if use_cache:
+            mask = (prompt != self.pad_id).long()
+            if self.is_encoder_decoder:
+                hidden = self.llm.get_encoder()(inputs_embeds=self.embed(prompt), attention_mask=mask).last_hidden_state
+                step = seq2seq_stepper(self.llm, hidden, mask, self.llm.config.decoder_start_token_id or 0, self.embed)
+            else:
+                step = causal_stepper(self.llm, self.embed(prompt), mask, self.embed)
+            return constrained_beam_search(step, self.trie, B, beam, self.level_ranges(), device=prompt.device,
+                                           cached=True)
         prompt = prompt.repeat_interleave(beam, 0)
         if self.is_encoder_decoder:
             mask = (prompt != self.pad_id).long()
@@ -568,7 +609,7 @@ class TTDS(GenerativeRecommender):
                                   use_cache=False).logits[:, -1]
                 return F.log_softmax(logits.float(), -1)
         else:
-            def step(prefix):  # [prompt, prefix] re-run each step (no KV cache yet)
+            def step(prefix):  # [prompt, prefix] re-run each step
                 ids = torch.cat([prompt, prefix], 1)
                 mask = torch.cat([(prompt != self.pad_id).long(), torch.ones_like(prefix)], 1)
                 pos = (mask.cumsum(1) - 1).clamp(min=0)
