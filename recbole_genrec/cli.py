@@ -9,6 +9,8 @@ every other ``--key=value`` overrides the config (RecBole's ``Config`` reads the
 ``--seeds=2020,2021,2022`` trains each model once per seed (tables show mean ± std over seeds);
 ``--report=DIR`` writes the table, PNG plots and ``report.md`` to DIR (``pip install
 "recbole_genrec[report]"``). With ``--model``, either of them runs a one-model ``--compare``.
+``--recommend=MODEL_FILE --users=1,2,3 [--histories="50,172;133"] --k=10`` prints the top-k raw
+item ids (and titles) of a saved model for known users and/or raw histories of unseen users.
 """
 
 import argparse
@@ -36,7 +38,27 @@ def main(argv=None):
     parser.add_argument("--port", type=str, default="5678", help="master port of a distributed run")
     parser.add_argument("--world_size", type=int, default=-1, help="processes over all nodes (default nproc)")
     parser.add_argument("--group_offset", type=int, default=0, help="rank offset of this node's processes")
+    parser.add_argument("--recommend", type=str, default=None, metavar="MODEL_FILE",
+                        help="print top-k recommendations of a saved model (with --users and/or --histories)")
+    parser.add_argument("--users", type=str, default=None, help="comma-separated raw user ids (--recommend)")
+    parser.add_argument("--histories", type=str, default=None,
+                        help="raw item-id histories of unseen users, oldest first: '1,2,3;4,5' (--recommend)")
+    parser.add_argument("--k", type=int, default=10, help="list length (--recommend)")
     args, _ = parser.parse_known_args(argv)
+    if args.recommend:
+        from recbole_genrec.recommend import format_table, recommend
+
+        users = [u.strip() for u in (args.users or "").split(",") if u.strip()]
+        histories = [[i.strip() for i in h.split(",") if i.strip()] for h in (args.histories or "").split(";")
+                     if h.strip()]
+        if not users and not histories:
+            parser.error("--recommend needs --users=ID,ID,... and/or --histories='ITEM,ITEM;ITEM,...'")
+        try:
+            results = recommend(args.recommend, user_ids=users or None, histories=histories or None, k=args.k)
+        except ValueError as error:
+            parser.error(str(error))
+        print(format_table(results))
+        return results
     config_files = args.config_files.strip().split(" ") if args.config_files else None
     try:
         seeds = parse_seeds(args.seeds)

@@ -23,6 +23,7 @@ from recbole_genrec.evaluation.protocols import (  # noqa: F401 - re-exported: t
     warm_items,
 )
 from recbole_genrec.evaluation.report import _cell, write_table  # noqa: F401 - re-exported
+from recbole_genrec.recommend import recommend  # noqa: F401 - re-exported
 from recbole_genrec.utils import create_dataset, get_model, get_trainer
 
 # Leave-one-out in time order, full ranking: RecBole's sequential protocol, used for every model
