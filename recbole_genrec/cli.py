@@ -11,6 +11,9 @@ every other ``--key=value`` overrides the config (RecBole's ``Config`` reads the
 "recbole_genrec[report]"``). With ``--model``, either of them runs a one-model ``--compare``.
 ``--recommend=MODEL_FILE --users=1,2,3 [--histories="50,172;133"] --k=10`` prints the top-k raw
 item ids (and titles) of a saved model for known users and/or raw histories of unseen users.
+``--hyper --params_file=hyper.test [--algo=exhaustive|random|bayes] [--max_evals=100]
+[--output_file=FILE]`` searches hyper-parameters as RecBole's ``run_hyper.py`` (needs ``pip install
+"recbole_genrec[hyper]"``; see :mod:`recbole_genrec.hyper`).
 """
 
 import argparse
@@ -44,6 +47,15 @@ def main(argv=None):
     parser.add_argument("--histories", type=str, default=None,
                         help="raw item-id histories of unseen users, oldest first: '1,2,3;4,5' (--recommend)")
     parser.add_argument("--k", type=int, default=10, help="list length (--recommend)")
+    parser.add_argument("--hyper", action="store_true",
+                        help="hyper-parameter search over --params_file (RecBole's run_hyper, without ray)")
+    parser.add_argument("--params_file", type=str, default=None,
+                        help="searched options, one a line: 'learning_rate choice [0.01,0.005]' (--hyper)")
+    parser.add_argument("--algo", type=str, default="exhaustive", choices=["exhaustive", "random", "bayes"],
+                        help="exhaustive: every combination; random / bayes (TPE): --max_evals trials (--hyper)")
+    parser.add_argument("--max_evals", type=int, default=100, help="trials of random / bayes (--hyper)")
+    parser.add_argument("--output_file", type=str, default=None,
+                        help="RecBole's result file (--hyper; default hyper-<model>-<dataset>.result)")
     args, _ = parser.parse_known_args(argv)
     if args.recommend:
         from recbole_genrec.recommend import format_table, recommend
@@ -60,6 +72,20 @@ def main(argv=None):
         print(format_table(results))
         return results
     config_files = args.config_files.strip().split(" ") if args.config_files else None
+    if args.hyper:
+        from recbole_genrec.hyper import run_hyper, search_space
+
+        if not args.params_file:
+            parser.error("--hyper needs --params_file=FILE (lines like 'learning_rate choice [0.01,0.005]')")
+        if args.compare or args.protocol or args.seeds or args.report or args.nproc > 1 or args.world_size > 0:
+            parser.error("--hyper tunes one model in one process: drop --compare, --protocol, --seeds, "
+                         "--report, --nproc and --world_size")
+        try:
+            search_space(args.params_file, algo=args.algo)  # a bad file or a missing hyperopt, before training
+        except (ImportError, OSError, SyntaxError, ValueError) as error:
+            parser.error(str(error))
+        return run_hyper(args.model, args.dataset, params_file=args.params_file, config_file_list=config_files,
+                         algo=args.algo, max_evals=args.max_evals, output_file=args.output_file)
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError as error:

@@ -41,7 +41,8 @@ RUN_KEYS = frozenset({
     "model", "dataset", "config_files", "local_rank", "world_size", "ip", "port", "nproc", "offset",
     "group_offset", "compare", "protocol", "device", "single_spec", "MODEL_TYPE", "MODEL_INPUT_TYPE",
     "eval_type", "valid_metric_bigger", "train_neg_sample_args", "valid_neg_sample_args",
-    "test_neg_sample_args", "eval_neg_sample_args",
+    "test_neg_sample_args", "eval_neg_sample_args", "seeds", "report", "recommend", "users", "histories", "k",
+    "hyper", "params_file", "algo", "max_evals", "output_file", "resume",
 })
 STAGE_KEYS = ("epochs", "learning_rate", "batch_size")  # <stage>_<key>, read by StagedTrainer
 _CODE_KEY = re.compile(
@@ -166,6 +167,8 @@ class Config(RecBoleConfig):
                 logger.warning(message)
 
     def _get_model_and_dataset(self, model, dataset):
+        if model is None and "model" in self.external_config_dict:  # given by config_dict / file / argv
+            model = self.external_config_dict["model"]
         if isinstance(model, str):
             model = get_model(model)
         return super()._get_model_and_dataset(model, dataset)
