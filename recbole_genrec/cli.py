@@ -11,6 +11,10 @@ every other ``--key=value`` overrides the config (RecBole's ``Config`` reads the
 "recbole_genrec[report]"``). With ``--model``, either of them runs a one-model ``--compare``.
 ``--recommend=MODEL_FILE --users=1,2,3 [--histories="50,172;133"] --k=10`` prints the top-k raw
 item ids (and titles) of a saved model for known users and/or raw histories of unseen users.
+``--resume`` (config ``resume: True``) names each run's checkpoint after a fingerprint of its config,
+data and code and continues a killed run from its last finished epoch when the same command is run
+again (a finished run is not trained again); ``--resume_checkpoint=FILE`` resumes the run whose
+checkpoint is FILE (see :mod:`recbole_genrec.trainer.staged`).
 ``--hyper --params_file=hyper.test [--algo=exhaustive|random|bayes] [--max_evals=100]
 [--output_file=FILE]`` searches hyper-parameters as RecBole's ``run_hyper.py`` (needs ``pip install
 "recbole_genrec[hyper]"``; see :mod:`recbole_genrec.hyper`).
@@ -47,6 +51,9 @@ def main(argv=None):
     parser.add_argument("--histories", type=str, default=None,
                         help="raw item-id histories of unseen users, oldest first: '1,2,3;4,5' (--recommend)")
     parser.add_argument("--k", type=int, default=10, help="list length (--recommend)")
+    parser.add_argument("--resume", nargs="?", const="True", default=None, metavar="BOOL",
+                        help="deterministic checkpoint names; running the same command again continues "
+                             "a killed run from its last finished epoch")
     parser.add_argument("--hyper", action="store_true",
                         help="hyper-parameter search over --params_file (RecBole's run_hyper, without ray)")
     parser.add_argument("--params_file", type=str, default=None,
@@ -72,6 +79,10 @@ def main(argv=None):
         print(format_table(results))
         return results
     config_files = args.config_files.strip().split(" ") if args.config_files else None
+    resume = args.resume is not None and str(args.resume).strip().lower() in ("true", "1", "yes")
+    if resume and argv is None and "--resume" in sys.argv:  # RecBole's Config reads --key=value only
+        sys.argv[sys.argv.index("--resume")] = "--resume=True"
+    run_config = {"resume": True} if resume else None
     if args.hyper:
         from recbole_genrec.hyper import run_hyper, search_space
 
@@ -90,7 +101,7 @@ def main(argv=None):
         seeds = parse_seeds(args.seeds)
     except ValueError as error:
         parser.error(str(error))
-    extra = {"seeds": seeds, "report_dir": args.report}
+    extra = {"seeds": seeds, "report_dir": args.report, "config_dict": run_config}
     if seeds and any(arg.startswith("--seed=") for arg in (sys.argv[1:] if argv is None else argv)):
         parser.error("give either --seed (one run) or --seeds (one run per seed), not both")
     if (seeds or args.report) and (args.nproc > 1 or args.world_size > 0):
@@ -103,7 +114,7 @@ def main(argv=None):
         return compare(args.compare or args.model, args.dataset, config_file_list=config_files, **extra)
     return run_recbole_genrec(model=args.model, dataset=args.dataset, config_file_list=config_files,
                               nproc=args.nproc, world_size=args.world_size, ip=args.ip, port=args.port,
-                              group_offset=args.group_offset)
+                              group_offset=args.group_offset, config_dict=run_config)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from recbole_genrec.evaluation.protocols import (  # noqa: F401 - re-exported: t
 )
 from recbole_genrec.evaluation.report import _cell, write_table  # noqa: F401 - re-exported
 from recbole_genrec.recommend import recommend  # noqa: F401 - re-exported
+from recbole_genrec.trainer.staged import ResumableTrainer, resumable, unique_checkpoint_file
 from recbole_genrec.utils import create_dataset, get_model, get_trainer
 
 # Leave-one-out in time order, full ranking: RecBole's sequential protocol, used for every model
@@ -46,7 +47,15 @@ def _prepare(model, dataset, config_file_list, config_dict):
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     logger.info(model)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    # RecBole's trainers get ours' checkpoint names (unique per process, or deterministic with
+    # ``resume``), ``.last`` checkpoints and resuming (recbole_genrec.trainer.staged)
+    trainer_class = resumable(get_trainer(config["MODEL_TYPE"], config["model"]))
+    trainer = trainer_class(config, model)
+    if not isinstance(trainer, ResumableTrainer):
+        if config["resume"] or config["resume_checkpoint"]:
+            logger.warning(f"{trainer_class.__name__} has a training loop of its own: resume is not supported")
+        if hasattr(trainer, "saved_model_file"):
+            trainer.saved_model_file = unique_checkpoint_file(config)
     if config["eval_mask_history"]:
         install_history_mask(trainer, train_data, valid_data, test_data)
     return config, logger, trainer, train_data, valid_data, test_data

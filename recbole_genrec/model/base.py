@@ -75,7 +75,7 @@ def train_cf_model(config, train_data, valid_data, model_name="SASRec", override
     and ``overrides`` on top; RecBole's ``Trainer`` runs it with its validation and early stopping.
     """
     import yaml
-    from recbole.utils import get_model
+    from recbole.utils import get_model, init_seed
 
     import recbole
 
@@ -91,6 +91,12 @@ def train_cf_model(config, train_data, valid_data, model_name="SASRec", override
     cf_config["model"] = model_name
     cf_config["epochs"] = epochs
     cf_config["learning_rate"] = learning_rate
+    # the stage's result may depend only on what its fingerprint covers: not on the random draws
+    # of the calling model's construction (its LLM backbone is not in the fingerprint) or of what
+    # ran before, so reseed the global RNGs and the shuffling generator of the loader it iterates
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    if getattr(train_data, "generator", None) is not None:
+        train_data.generator.manual_seed(config["seed"])
     cf_model = get_model(model_name)(cf_config, train_data._dataset).to(config["device"])
     return _fit_best(config, cf_config, cf_model, train_data, valid_data, show_progress)
 
@@ -103,21 +109,32 @@ def _fit_best(config, cf_config, cf_model, train_data, valid_data, show_progress
     reads it; a CF model trained by each rank on its own gets a file per rank."""
     from recbole.trainer import Trainer
 
+    from recbole_genrec.atomic import temporary_path
+
     name = cf_config["model"]
     shared = not cf_config["single_spec"] and torch.distributed.is_initialized()
     suffix = "" if shared else f"-rank{config['local_rank']}"
     trainer = Trainer(cf_config, cf_model)
-    trainer.saved_model_file = os.path.join(
-        config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-cf-{name}{suffix}.tmp.pth")
-    _, best = trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=False)
+    # unique per process and call, so that runs sharing a checkpoint_dir never clobber each other's
+    # (distributed: the name rank 0 draws, which rank 0 writes and every rank reads)
+    tmp_file = temporary_path(os.path.join(
+        config["checkpoint_dir"], f"{config['model']}-{config['dataset']}-cf-{name}{suffix}.pth"))
     if shared:
-        torch.distributed.barrier()  # rank 0 has written the best checkpoint
-    checkpoint = safe_torch_load(trainer.saved_model_file, map_location=config["device"])
-    cf_model.load_state_dict(checkpoint["state_dict"])
-    if shared:
-        torch.distributed.barrier()  # every rank has read it
-    if not shared or config["local_rank"] == 0:
-        os.remove(trainer.saved_model_file)
+        box = [tmp_file]
+        torch.distributed.broadcast_object_list(box, src=0)
+        tmp_file = box[0]
+    trainer.saved_model_file = tmp_file
+    try:
+        _, best = trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=False)
+        if shared:
+            torch.distributed.barrier()  # rank 0 has written the best checkpoint
+        checkpoint = safe_torch_load(tmp_file, map_location=config["device"])
+        cf_model.load_state_dict(checkpoint["state_dict"])
+        if shared:
+            torch.distributed.barrier()  # every rank has read it
+    finally:
+        if (not shared or config["local_rank"] == 0) and os.path.exists(tmp_file):
+            os.remove(tmp_file)
     getLogger().info(f"CF model {name}: best valid {dict(best or {})}")
     return cf_model.eval()
 
