@@ -62,6 +62,7 @@ def test_warmup_keeps_the_llm_bit_identical_and_halves_l_dm(tmp_path):
     stats = m.train_stage("warmup", train, None, stage_cfg(trainer))
     after = m.llm.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in m.llm.parameters())  # frozen: no gradient was even computed
     assert all(p.requires_grad for p in m.llm.parameters())  # unfrozen again for the joint stage
     for kind in ("item", "user"):
         assert stats["L_DM_last"][kind] < 0.5 * stats["L_DM_first"][kind], stats
@@ -174,7 +175,7 @@ def test_user_task_and_user_texts_hold_only_training_interactions(tmp_path):
         seq = m.item_user_seq[lo:hi].tolist()
         ctx = [c for c in context.tolist() if c]
         pos = len(ctx)
-        assert int(nxt) in seq and ctx == seq[seq.index(int(nxt)) - pos: seq.index(int(nxt))]
+        assert any(seq[j] == int(nxt) and seq[j - pos:j] == ctx for j in range(pos, len(seq)))
 
 
 @pytest.mark.parametrize("flags, tasks, user_tower, dynamic", [
@@ -248,3 +249,30 @@ def test_ttds_end_to_end_saves_and_reloads(tmp_path, preset):
     _, model2, *_ = load_data_and_model(result["model_file"])
     model2.eval()
     assert torch.equal(scores, model2.full_sort_predict(batch))
+
+
+def test_user_text_uses_the_latest_training_items_even_past_the_history_cap(tmp_path):
+    """With a history cap below a user's training length the user text still lists the LAST items."""
+    _, trainer, train, *_ = build(tmp_path, MAX_ITEM_LIST_LENGTH=3, ttds_user_history_titles=2)
+    m = trainer.model
+    inter = train._dataset.inter_feat
+    last = {}
+    for u, i in zip(inter[m.USER_ID].tolist(), inter[m.ITEM_ID].tolist()):  # rows in time order
+        last.setdefault(u, []).append(i)
+    long_users = [u for u, items in last.items() if len(items) > 4]
+    assert long_users
+    for u in long_users:
+        assert m.train_items[u][-2:] == last[u][-2:]
+
+
+def test_ttds_dm_has_no_dm_vae_at_all(tmp_path):
+    """alpha 0 (TTDS-DM): no warm-up training; the towers' encoders keep their initial weights."""
+    _, trainer, train, *_ = build(tmp_path, alpha=0.0)
+    m = trainer.model
+    before = {k: v.clone() for k, v in m.item_tower.encoder.state_dict().items()}
+    stats = m.train_stage("warmup", train, None, stage_cfg(trainer))
+    assert stats["L_DM_first"] == {"item": None, "user": None}
+    assert all(torch.equal(before[k], v) for k, v in m.item_tower.encoder.state_dict().items())
+    batch = next(iter(train))
+    m.calculate_loss(batch)
+    assert "dm" not in m.last_losses

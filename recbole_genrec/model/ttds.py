@@ -28,7 +28,9 @@ Generator"). No public code exists; where the paper is silent the choice is ours
 - **Tasks** (Sec. 4.2.1, 4.2.4, Eq. 8-9, 15): next item (user Sid + history Sids -> next item's
   Sid) and user prediction (an item's Sid + the Sids of the users who had it before, time order,
   TRAINING interactions only -> the next such user). The paper's comment/query generation is not
-  built (ml-100k has neither). L_All = L_LLM + alpha L_DM.
+  built (ml-100k has neither). L_All = L_LLM + alpha L_DM. Prompts are the Sid tokens alone (our
+  choice: the paper wraps them in an instruction, the presets have no words). Optimiser: the paper
+  uses AdamW at 5e-4 (Sec. 5.1.4); the YAML keeps RecBole's Adam at 2e-3, TIGER's recipe here.
 - **Schedule** (Sec. 5.1.4): stage ``warmup`` trains towers + ID embeddings on L_DM with the LLM
   frozen; the recommender stage trains everything. **Dynamic IDs**: every Sid is recomputed from the
   current LLM + towers after warm-up and at the start of every joint epoch (``TTDSTrainer``); the
@@ -37,7 +39,8 @@ Generator"). No public code exists; where the paper is silent the choice is ours
 - **Decoding**: the trie-constrained beam search over item Sids, T5 or decoder-only (one engine,
   KV-cached steps, :mod:`recbole_genrec.decoding.beam_search`). ``full_sort_predict`` as TIGER's.
 - **Ablations** (Table 2): ``ttds_user_tower: False`` (STDS: no user Sids, no user task),
-  ``ttds_dynamic: False`` (TTSS: towers and IDs frozen after warm-up), ``alpha: 0`` (TTDS-DM),
+  ``ttds_dynamic: False`` (TTSS: towers and IDs frozen after warm-up), ``alpha: 0`` (TTDS-DM: no
+  DM-VAE anywhere, so no warm-up training either: the towers keep their k-means initialisation on X),
   ``ttds_tasks: [next_item]`` (TTDS-HO), ``ttds_levels`` (M), ``ttds_indexer``: ``rq`` |
   ``lsh`` (sign bits of fixed random projections of X; dynamic = TT-DLSH, static = TT-SLSH) |
   ``random`` (TT-SR); the LSH/random indexers have no tower to train (free token rows, no L_DM).
@@ -119,13 +122,15 @@ class TTDS(GenerativeRecommender):
             cfg = backbone.model.config
             self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else PAD
             self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else EOS
-            self.sep_id = self.eos_id
+            self.sep_id = add_new_tokens(backbone, 1)  # its own token: pad may equal eos (SmolLM2)
         else:
             self.item_offset, self.pad_id, self.eos_id, self.sep_id = 3, PAD, EOS, SEP
             self.text_offset = 3 + n_new
         self.user_offset = self.item_offset + self.n_id
         if config["use_lora"]:
             new_ids = list(range(self.item_offset, self.item_offset + n_new))
+            if self.sep_id >= self.item_offset:
+                new_ids.append(self.sep_id)
             if self.tokenizer is None and self.text_vocab:
                 new_ids += list(range(self.text_offset, self.text_offset + self.text_vocab))
             backbone = apply_lora(backbone, config["lora_r"], config["lora_alpha"], config["lora_dropout"], new_ids)
@@ -189,7 +194,7 @@ class TTDS(GenerativeRecommender):
         best = torch.full((dataset.user_num,), -1, dtype=torch.long)
         best_len = torch.full((dataset.user_num,), -1, dtype=torch.long)
         for row, (u, n) in enumerate(zip(uid.tolist(), length.tolist())):
-            if n > best_len[u]:
+            if n >= best_len[u]:  # the latest of the longest (capped) histories
                 best_len[u], best[u] = n, row
         for u in range(1, dataset.user_num):
             row = int(best[u])
@@ -397,7 +402,8 @@ class TTDS(GenerativeRecommender):
         kinds = ("item", "user") if self.use_user else ("item",)
         llm_params = [p for p in self.llm.parameters()]
         frozen = [p.requires_grad for p in llm_params]
-        pass
+        for p in llm_params:  # Sec. 5.1.4: the LLM is frozen during warm-up
+            p.requires_grad_(False)
         history = []
         try:
             x = {k: self.text_repr(self.item_text_ids[1:] if k == "item" else self.user_text_ids[1:]) for k in kinds}
@@ -405,6 +411,7 @@ class TTDS(GenerativeRecommender):
                 g = torch.Generator().manual_seed(int(self.config["seed"]))
                 for k in kinds:
                     self.tower(k).init_codebooks(x[k], generator=g)
+            if self.indexer == "rq" and self.alpha > 0:  # TTDS-DM (alpha 0): no DM-VAE, k-means towers
                 params = [p for k in kinds for p in list(self.tower(k).parameters()) + list(self.up_proj[k].parameters())]
                 params.append(self.level_emb)
                 optimizer = torch.optim.AdamW(params, lr=stage_config["learning_rate"])
@@ -416,6 +423,7 @@ class TTDS(GenerativeRecommender):
                     epochs = tqdm(epochs, desc="TTDS warm-up")
                 for epoch in epochs:
                     self.train()
+                    self.llm.eval()  # frozen: the same network that computed X, no dropout
                     totals = {f"{k}_{part}": 0.0 for k in kinds for part in ("dm", "id", "token")}
                     for k in kinds:
                         order = torch.randperm(len(x[k]), generator=gen)
@@ -457,7 +465,7 @@ class TTDS(GenerativeRecommender):
                     p.requires_grad_(False)
 
     def stage_signature(self, stage):
-        keys = ("ttds_levels", "ttds_codebook_size", "ttds_suffix_size", "ttds_code_dim", "ttds_tower_hidden",
+        keys = ("alpha", "ttds_levels", "ttds_codebook_size", "ttds_suffix_size", "ttds_code_dim", "ttds_tower_hidden",
                 "ttds_commitment", "ttds_beta", "ttds_user_tower", "ttds_dynamic", "ttds_indexer",
                 "ttds_token_embedding", "ttds_text_vocab", "ttds_text_length", "ttds_user_history_titles",
                 "user_text_fields", "item_text_fields", "llm_path", "llm_preset", "llm_config", "use_lora")
@@ -524,7 +532,8 @@ class TTDS(GenerativeRecommender):
         items, counts = items[ok], counts[ok]
         if len(items) == 0:
             return None
-        items, counts = items[: self.aux_batch], counts[: self.aux_batch]
+        pick = torch.randperm(len(items), device=items.device)[: self.aux_batch]  # not the lowest ids
+        items, counts = items[pick], counts[pick]
         cut = 1 + (torch.rand(len(items), device=items.device) * (counts - 1)).long()  # 1..n-1
         start = self.item_user_indptr[items]
         H = self.user_history
@@ -552,12 +561,16 @@ class TTDS(GenerativeRecommender):
         self.last_losses["dm"] = float(l_dm)
         return l_llm + self.alpha * l_dm
 
+    def _sample(self, ids):
+        """At most ``ttds_aux_batch`` of ``ids``, drawn at random (not the lowest ids)."""
+        return ids[torch.randperm(len(ids), device=ids.device)[: self.aux_batch]]
+
     def batch_dm_loss(self, interaction):
         """L_DM on the batch's target items (and users), each tower on at most ``ttds_aux_batch``."""
-        items = torch.unique(interaction[self.POS_ITEM_ID])[: self.aux_batch]
+        items = self._sample(torch.unique(interaction[self.POS_ITEM_ID]))
         loss = self.dm_loss("item", self.text_repr(self.item_text_ids[items]))["dm"]
         if self.use_user:
-            users = torch.unique(interaction[self.USER_ID])[: self.aux_batch]
+            users = self._sample(torch.unique(interaction[self.USER_ID]))
             loss = loss + self.dm_loss("user", self.text_repr(self.user_text_ids[users]))["dm"]
         return loss
 

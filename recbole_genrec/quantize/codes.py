@@ -25,7 +25,7 @@ def dedup_suffix(codes: torch.Tensor) -> torch.Tensor:
     sorted_groups = inverse[order]
     starts = torch.ones_like(sorted_groups, dtype=torch.bool)
     starts[1:] = sorted_groups[1:] != sorted_groups[:-1]
-    positions = torch.arange(len(codes))
+    positions = torch.arange(len(codes), device=codes.device)
     group_start = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), 0).values
     rank = torch.empty_like(inverse)
     rank[order] = positions - group_start
