@@ -275,3 +275,31 @@ def test_recbole_and_plugin_options_do_not_warn(caplog):
     with caplog.at_level(logging.WARNING):
         Config("SASRec", "genrec-tiny", [TINY_YAML], legit)
     assert "not an option" not in caplog.text
+
+
+def test_nan_loss_names_the_stage_and_epoch(tmp_path, monkeypatch):
+    """A NaN loss stops the run with the stage and epoch named, in a pre-training stage and in the
+    recommender stage, and no stage file or checkpoint is written for the failing stage."""
+    import glob
+
+    from recbole_genrec.model.tiger import TIGER
+    from recbole_genrec.quick_start import run_recbole_genrec
+
+    original = TIGER.item_text_embeddings
+
+    def nan_text(config, dataset):
+        emb = original(config, dataset)
+        emb[1:] = float("nan")
+        return emb
+
+    monkeypatch.setattr(TIGER, "item_text_embeddings", staticmethod(nan_text))
+    with pytest.raises(FloatingPointError, match=r"epoch 1 of the tokenizer stage"):
+        run_recbole_genrec("TIGER", "genrec-tiny", [TINY_YAML],
+                           {"checkpoint_dir": str(tmp_path / "a"), "tokenizer_epochs": 2}, saved=True)
+    assert not glob.glob(str(tmp_path / "a" / "TIGER-genrec-tiny-tokenizer-*.pth"))
+    monkeypatch.undo()
+
+    monkeypatch.setattr(TIGER, "calculate_loss", lambda self, interaction: self.llm.shared.weight.sum() * float("nan"))
+    with pytest.raises(FloatingPointError, match=r"stage 'recommender', epoch 0"):
+        run_recbole_genrec("TIGER", "genrec-tiny", [TINY_YAML],
+                           {"checkpoint_dir": str(tmp_path / "b"), "tokenizer_epochs": 2}, saved=True)

@@ -430,6 +430,10 @@ class TTDS(GenerativeRecommender):
                         for start in range(0, len(order), stage_config["batch_size"]):
                             idx = order[start:start + stage_config["batch_size"]].to(x[k].device)
                             parts = self.dm_loss(k, x[k][idx])
+                            if not torch.isfinite(parts["dm"]):
+                                raise FloatingPointError(
+                                    f"TTDS: L_DM became {float(parts['dm'])} at warm-up epoch {epoch + 1} ({k} "
+                                    f"tower); try a lower warmup_learning_rate (now {stage_config['learning_rate']})")
                             optimizer.zero_grad()
                             parts["dm"].backward()
                             optimizer.step()

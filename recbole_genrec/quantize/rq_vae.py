@@ -229,6 +229,9 @@ def train_rq_vae(model: RQVAE, x: torch.Tensor, epochs=100, lr=1e-3, batch_size=
                 div = model.diversity_loss(out["codewords"], out["codes"], tau=div_tau, generator=div_generator)
                 loss = loss + div_weight * div
                 parts["div"] += float(div) * len(idx)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"RQ-VAE: the loss became {float(loss)} at epoch {epoch + 1} of the tokenizer "
+                                         f"stage; try a lower tokenizer_learning_rate (now {lr})")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -318,7 +318,14 @@ class ResumableTrainer:
 
         for epoch_idx in range(self.start_epoch, self.epochs):
             training_start_time = time.time()
-            train_loss = self._train_epoch(train_data, epoch_idx, show_progress=show_progress)
+            try:
+                train_loss = self._train_epoch(train_data, epoch_idx, show_progress=show_progress)
+            except ValueError as err:  # RecBole's _check_nan says only "Training loss is nan"
+                if "nan" not in str(err).lower():
+                    raise
+                raise FloatingPointError(
+                    f"{self.config['model']}: the training loss became NaN in stage 'recommender', epoch "
+                    f"{epoch_idx}; try a lower learning_rate (now {self.config['learning_rate']})") from err
             self.train_loss_dict[epoch_idx] = sum(train_loss) if isinstance(train_loss, tuple) else train_loss
             training_end_time = time.time()
             train_loss_output = self._generate_train_loss_output(
