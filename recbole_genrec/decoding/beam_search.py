@@ -190,3 +190,13 @@ def causal_stepper(llm, prompt_embeds, prompt_mask, embed):
         return _log_softmax_last(out.logits), state
 
     return step
+
+
+def full_scores(items: torch.Tensor, scores: torch.Tensor, n_items: int) -> torch.Tensor:
+    """``[B, n_items]`` scores for RecBole's full-ranking evaluator: ``-inf`` except the decoded
+    ``items [B, beam]`` (``-1`` = none), which carry their sequence log-probabilities."""
+    out = torch.full((items.shape[0], n_items), float("-inf"), device=scores.device)
+    found = items >= 0
+    out.scatter_(1, items.clamp(min=0), torch.where(found, scores, torch.full_like(scores, float("-inf"))))
+    out[:, 0] = float("-inf")
+    return out

@@ -24,7 +24,7 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
-from recbole_genrec.decoding import PrefixTrie, constrained_beam_search, seq2seq_stepper
+from recbole_genrec.decoding import PrefixTrie, constrained_beam_search, full_scores, seq2seq_stepper
 from recbole_genrec.llm.backbone import add_new_tokens, apply_lora, backbone_from_config
 from recbole_genrec.model.base import GenerativeRecommender
 from recbole_genrec.quantize.codes import build_code_table, code_tokens
@@ -219,12 +219,7 @@ class TIGER(GenerativeRecommender):
         return constrained_beam_search(step, self.trie, B, beam, self.level_ranges(), device=hidden.device)
 
     def full_sort_predict(self, interaction):
-        items, scores = self.beam_search(interaction)
-        out = torch.full((items.shape[0], self.n_items), float("-inf"), device=scores.device)
-        found = items >= 0
-        out.scatter_(1, items.clamp(min=0), torch.where(found, scores, torch.full_like(scores, float("-inf"))))
-        out[:, 0] = float("-inf")
-        return out
+        return full_scores(*self.beam_search(interaction), self.n_items)
 
     @torch.no_grad()
     def sequence_log_prob(self, hidden, mask, target_tokens):

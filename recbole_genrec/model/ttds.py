@@ -59,7 +59,8 @@ from recbole.utils import set_color
 from torch import nn
 
 from recbole_genrec.data import load_item_texts, load_user_texts
-from recbole_genrec.decoding import PrefixTrie, causal_stepper, constrained_beam_search, seq2seq_stepper
+from recbole_genrec.decoding import (PrefixTrie, causal_stepper, constrained_beam_search, full_scores,
+                                     seq2seq_stepper)
 from recbole_genrec.llm.backbone import add_new_tokens, apply_lora, backbone_from_config, transformer_body
 from recbole_genrec.model.base import GenerativeRecommender
 from recbole_genrec.quantize.codes import build_code_table
@@ -637,12 +638,7 @@ class TTDS(GenerativeRecommender):
         return constrained_beam_search(step, self.trie, B, beam, self.level_ranges(), device=prompt.device)
 
     def full_sort_predict(self, interaction):
-        items, scores = self.beam_search(interaction)
-        out = torch.full((items.shape[0], self.n_items), float("-inf"), device=scores.device)
-        found = items >= 0
-        out.scatter_(1, items.clamp(min=0), torch.where(found, scores, torch.full_like(scores, float("-inf"))))
-        out[:, 0] = float("-inf")
-        return out
+        return full_scores(*self.beam_search(interaction), self.n_items)
 
     def predict(self, interaction):
         """Sequence log-likelihood of the given items (sampled evaluation)."""
