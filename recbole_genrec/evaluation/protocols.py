@@ -233,14 +233,17 @@ def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, save
         runs.append({"model": name, "seed": config["seed"], "valid_curve": curve, "valid_metric": config["valid_metric"],
                      "test_time_s": timings["test_time_s"], "n_test_users": n_users(test_data)})
         _done(logger, label, start, f" (train {train_time:.1f} s)")
-    output_dir = output_dir or report_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
-    title = f"{dataset}: warm/cold protocol (global time-ordered 8:1:1)"
-    stem = f"warm_cold-{dataset}"
-    table, summaries = write_seed_table(rows, ("model", "targets"), output_dir, stem, title)
-    if report_dir:
-        build_report(report_dir, title, table, stem, summaries, runs, group_key="targets",
-                     label=f"{dataset} warm/cold")
+    _write_outputs(rows, runs, "targets", config_dict, output_dir, report_dir, f"warm_cold-{dataset}",
+                   f"{dataset}: warm/cold protocol (global time-ordered 8:1:1)", f"{dataset} warm/cold")
     return results
+
+
+def _write_outputs(rows, runs, group_key, config_dict, output_dir, report_dir, stem, title, label):
+    """A protocol's per-group table (mean ± std over seeds) and, with ``report_dir``, its report."""
+    output_dir = output_dir or report_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
+    table, summaries = write_seed_table(rows, ("model", group_key), output_dir, stem, title)
+    if report_dir:
+        build_report(report_dir, title, table, stem, summaries, runs, group_key=group_key, label=label)
 
 
 # ----- unseen users ----------------------------------------------------------------------------
@@ -294,11 +297,6 @@ def run_unseen_users(dataset, config_file_list=None, config_dict=None, saved=Tru
         runs.append({"model": name, "seed": config["seed"], "valid_curve": curve, "valid_metric": config["valid_metric"],
                      "test_time_s": test_time, "n_test_users": n_users(test_data)})
         _done(logger, label, start, f" (train {train_time:.1f} s)")
-    output_dir = output_dir or report_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
-    title = f"{dataset}: TokenRec on seen vs unseen users"
-    stem = f"unseen_users-{dataset}"
-    table, summaries = write_seed_table(rows, ("model", "users"), output_dir, stem, title)
-    if report_dir:
-        build_report(report_dir, title, table, stem, summaries, runs, group_key="users",
-                     label=f"{dataset} TokenRec")
+    _write_outputs(rows, runs, "users", config_dict, output_dir, report_dir, f"unseen_users-{dataset}",
+                   f"{dataset}: TokenRec on seen vs unseen users", f"{dataset} TokenRec")
     return results

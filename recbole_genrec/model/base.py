@@ -25,6 +25,14 @@ class GenerativeRecommender(SequentialRecommender):
         super().__init__(config, dataset)
         self.config = config
 
+    @staticmethod
+    def option(config, key, choices):
+        """``config[key]``, or a ValueError naming the key and its allowed values."""
+        value = config[key]
+        if value not in choices:
+            raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
+        return value
+
     # ----- item text -------------------------------------------------------------------
     @staticmethod
     def item_text_embeddings(config, dataset) -> torch.Tensor:

@@ -93,8 +93,8 @@ class TTDS(GenerativeRecommender):
         self.alpha, self.dm_beta = float(config["alpha"]), float(config["ttds_beta"])
         self.use_user = bool(config["ttds_user_tower"])
         self.dynamic = bool(config["ttds_dynamic"])
-        self.indexer = self._choice(config, "ttds_indexer", ("rq", "lsh", "random"))
-        self.token_embedding = self._choice(config, "ttds_token_embedding", ("codeword", "free"))
+        self.indexer = self.option(config, "ttds_indexer", ("rq", "lsh", "random"))
+        self.token_embedding = self.option(config, "ttds_token_embedding", ("codeword", "free"))
         if self.indexer != "rq":
             self.token_embedding = "free"  # no codebook to project
         tasks = list(config["ttds_tasks"] or ["next_item"])
@@ -177,13 +177,6 @@ class TTDS(GenerativeRecommender):
                                                      dtype=torch.long))
         self._trie = None
         self.logger = getLogger()
-
-    @staticmethod
-    def _choice(config, key, choices):
-        value = config[key]
-        if value not in choices:
-            raise ValueError(f"{key} must be one of {choices}, got {value!r}")
-        return value
 
     # ----- data (training interactions only) --------------------------------------------------
     def user_training_items(self, dataset) -> list[list[int]]:

@@ -69,11 +69,11 @@ class TwoLevelLLMRec(GenerativeRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.softmax_type = self._option(config, "twolevel_softmax", ("two_level", "full"))
-        self.inference = self._option(config, "twolevel_inference", ("exact", "structure", "ann"))
-        self.ann_index_type = self._option(config, "ann_index", ("flat", "hnsw"))
-        self.clustering = self._option(config, "clustering", CLUSTERINGS)
-        self.cluster_source = self._option(config, "cluster_source", ("cf", "text"))
+        self.softmax_type = self.option(config, "twolevel_softmax", ("two_level", "full"))
+        self.inference = self.option(config, "twolevel_inference", ("exact", "structure", "ann"))
+        self.ann_index_type = self.option(config, "ann_index", ("flat", "hnsw"))
+        self.clustering = self.option(config, "clustering", CLUSTERINGS)
+        self.cluster_source = self.option(config, "cluster_source", ("cf", "text"))
         if self.softmax_type == "full" and self.inference == "structure":
             raise ValueError("twolevel_inference 'structure' needs twolevel_softmax 'two_level' (there is no hierarchy)")
         self.topk = max(config["topk"]) if isinstance(config["topk"], list) else int(config["topk"])
@@ -99,7 +99,7 @@ class TwoLevelLLMRec(GenerativeRecommender):
         if needs_text and not config["item_text_fields"]:
             raise ValueError("TwoLevelLLMRec: metadata_sampling (or cluster_source 'text') needs item_text_fields; "
                              "set item_text_fields or metadata_sampling: False")
-        self.text_input = self._option(config, "twolevel_text_input", ("auto", "tokens", "embedding"))
+        self.text_input = self.option(config, "twolevel_text_input", ("auto", "tokens", "embedding"))
         if self.text_input == "auto":
             self.text_input = "tokens" if backbone.tokenizer is not None else "embedding"
         if self.metadata_sampling and (self.text_input == "tokens" or self.n_text):
@@ -151,13 +151,6 @@ class TwoLevelLLMRec(GenerativeRecommender):
         mask[0] = False  # the padding item has no text
         self.register_buffer("item_text_ids", enc["input_ids"], persistent=False)
         self.register_buffer("item_text_mask", mask, persistent=False)
-
-    @staticmethod
-    def _option(config, key, choices):
-        value = config[key]
-        if value not in choices:
-            raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
-        return value
 
     # ----- clusters (pre-processing) --------------------------------------------------------
     def _cluster_input(self, dataset):
