@@ -38,6 +38,9 @@ def main(argv=None):
                              "unseen_users: TokenRec with 5%% of users kept out of training")
     parser.add_argument("--seeds", type=str, default=None,
                         help="comma-separated seeds: each model runs once per seed, tables show mean ± std")
+    parser.add_argument("--reuse_runs", action="store_true",
+                        help="--compare: take a model's result from the run record of an earlier run with the "
+                             "same config, data and code (<checkpoint_dir>/runs/) instead of training it again")
     parser.add_argument("--report", type=str, default=None, metavar="DIR",
                         help="write the table, PNG plots and report.md to DIR (needs matplotlib)")
     parser.add_argument("--nproc", type=int, default=1, help="processes of a distributed run (gloo on CPU, NCCL on GPU)")
@@ -110,8 +113,11 @@ def main(argv=None):
         return run_warm_cold(args.compare or args.model, args.dataset, config_file_list=config_files, **extra)
     if args.protocol == "unseen_users":
         return run_unseen_users(args.dataset, config_file_list=config_files, **extra)
+    if args.reuse_runs and not (args.compare or seeds or args.report) or args.reuse_runs and args.protocol:
+        parser.error("--reuse_runs works with --compare (or --seeds / --report) without --protocol")
     if args.compare or seeds or args.report:
-        return compare(args.compare or args.model, args.dataset, config_file_list=config_files, **extra)
+        return compare(args.compare or args.model, args.dataset, config_file_list=config_files,
+                       reuse_runs=args.reuse_runs, **extra)
     return run_recbole_genrec(model=args.model, dataset=args.dataset, config_file_list=config_files,
                               nproc=args.nproc, world_size=args.world_size, ip=args.ip, port=args.port,
                               group_offset=args.group_offset, config_dict=run_config)

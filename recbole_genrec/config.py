@@ -42,7 +42,7 @@ RUN_KEYS = frozenset({
     "group_offset", "compare", "protocol", "device", "single_spec", "MODEL_TYPE", "MODEL_INPUT_TYPE",
     "eval_type", "valid_metric_bigger", "train_neg_sample_args", "valid_neg_sample_args",
     "test_neg_sample_args", "eval_neg_sample_args", "seeds", "report", "recommend", "users", "histories", "k",
-    "hyper", "params_file", "algo", "max_evals", "output_file", "resume",
+    "hyper", "params_file", "algo", "max_evals", "output_file", "resume", "reuse_runs",
 })
 STAGE_KEYS = ("epochs", "learning_rate", "batch_size")  # <stage>_<key>, read by StagedTrainer
 _CODE_KEY = re.compile(

@@ -130,7 +130,7 @@ def load_data_and_model(model_file):
 
 
 def compare(models, dataset, config_file_list=None, config_dict=None, saved=True, output_dir=None,
-            seeds=None, report_dir=None):
+            seeds=None, report_dir=None, reuse_runs=False):
     """Run each model on the same dataset, split and seed(s); write one results table.
 
     Every model gets the same ``eval_args`` (``SHARED_EVAL_ARGS`` unless the caller sets it).
@@ -142,7 +142,10 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
     metrics, validation curves, inference time per user) and ``report.md`` (needs the ``report``
     extra). Returns ``{model: result_dict}`` (``run_recbole_genrec``'s keys plus ``seed``,
     ``valid_curve``, ``valid_metric``, ``n_test_users``), or ``{model: {seed: result_dict}}``
-    when ``seeds`` is given.
+    when ``seeds`` is given. Every run leaves a record (result, command, commit, date) in
+    ``<checkpoint_dir>/runs/``; ``reuse_runs`` takes a model's result from the record of an earlier
+    run with the same config, data and code instead of training it again, so long runs can be done
+    one model at a time (in separate processes) and tabulated together.
     """
     from recbole_genrec.evaluation.protocols import each_run, model_list, parse_seeds, store, train_and_test
     from recbole_genrec.evaluation.report import build_report, require_matplotlib, write_seed_table
@@ -159,7 +162,8 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
         config_dict["eval_args"] = dict(SHARED_EVAL_ARGS)
     results, rows, runs = {}, [], []
     for label, name, run_config in each_run(models, config_dict, seeds):
-        result = train_and_test(name, dataset, config_file_list, run_config, saved=saved, label=label)
+        result = train_and_test(name, dataset, config_file_list, run_config, saved=saved, label=label,
+                                reuse_runs=reuse_runs)
         store(results, name, seeds, result["seed"], result)
         rows.append({"model": name, "seed": result["seed"], **result["test_result"],
                      "train_time_s": result["train_time_s"], "test_time_s": result["test_time_s"]})

@@ -177,3 +177,36 @@ def test_old_names_stay_importable_from_quick_start():
                  "run_warm_cold", "run_unseen_users"):
         assert getattr(qs, name) is getattr(protocols, name), name
     assert qs.write_table is report.write_table and qs._cell is report._cell
+
+
+def test_compare_reuses_run_records_only_for_the_same_config(tmp_path, monkeypatch):
+    """Every run leaves a record; ``reuse_runs`` takes a model's row from it (no training) when the
+    config, data and code are the same, and trains again when the config differs."""
+    import json
+
+    from recbole_genrec import quick_start
+
+    config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 1}
+    first = compare("SASRec", "genrec-tiny", [TINY_YAML], config, saved=False, output_dir=str(tmp_path / "a"))
+    records = list((tmp_path / "saved" / "runs").glob("SASRec-genrec-tiny-seed2020-*.json"))
+    assert len(records) == 1
+    record = json.loads(records[0].read_text())
+    assert record["seed"] == 2020 and record["commit"] and record["command"]
+    assert record["result"]["test_result"] == dict(first["SASRec"]["test_result"])
+
+    prepared = []
+    real_prepare = quick_start._prepare
+    monkeypatch.setattr(quick_start, "_prepare", lambda *a, **k: prepared.append(a) or real_prepare(*a, **k))
+    again = compare("SASRec", "genrec-tiny", [TINY_YAML], config, saved=False, output_dir=str(tmp_path / "b"),
+                    reuse_runs=True, report_dir=str(tmp_path / "rep"))
+    assert prepared == []  # nothing trained
+    assert dict(again["SASRec"]["test_result"]) == dict(first["SASRec"]["test_result"])
+    assert again["SASRec"]["valid_curve"] == first["SASRec"]["valid_curve"]
+    assert open(tmp_path / "a" / "compare-genrec-tiny.md").read() == open(tmp_path / "b" / "compare-genrec-tiny.md").read()
+    text = open(tmp_path / "rep" / "report.md").read()
+    assert "## Runs" in text and f"`{record['command']}`" in text
+
+    compare("SASRec", "genrec-tiny", [TINY_YAML], {**config, "learning_rate": 0.01}, saved=False,
+            output_dir=str(tmp_path / "c"), reuse_runs=True)
+    assert len(prepared) == 1  # another config: trained again, a second record
+    assert len(list((tmp_path / "saved" / "runs").glob("*.json"))) == 2

@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import os
 import time
+from logging import getLogger
 
 import torch
 from recbole.utils import get_environment, set_color
@@ -96,16 +97,120 @@ def n_users(loader) -> int:
     return int(torch.unique(dataset.inter_feat[dataset.uid_field]).numel())
 
 
-def train_and_test(model, dataset, config_file_list=None, config_dict=None, saved=True, label=None) -> dict:
+# ----- run records: one JSON file per finished run, reusable by a later compare --------------
+RECORD_FORMAT = "recbole_genrec-run-1"
+
+
+def record_fingerprint(config) -> str:
+    """What a run's test result depends on: its config (less the run-only keys), its data, RecBole's
+    version and our trainer/evaluation/config code, plus, for a model of this package, all of its
+    model-building code (:func:`recbole_genrec.fingerprint.code_fingerprint`). RecBole's own models
+    (SASRec, LightGCN, ...) run none of our model code, so editing a generative model keeps their
+    records valid."""
+    from recbole_genrec.fingerprint import code_fingerprint, data_fingerprint, digest, file_digest
+    from recbole_genrec.trainer.staged import RUN_ONLY_KEYS
+
+    import recbole
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shared = [os.path.join(root, name) for name in ("compat.py", "config.py", "utils.py")]
+    for sub in ("trainer", "evaluation"):
+        folder = os.path.join(root, sub)
+        shared += [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".py")]
+    code = {"recbole": recbole.__version__, "shared": [file_digest(p) for p in shared]}
+    if _is_plugin_model(config["model"]):
+        code["models"] = code_fingerprint()
+    settings = {k: v for k, v in config.final_config_dict.items() if k not in RUN_ONLY_KEYS}
+    return digest({"config": settings, "data": data_fingerprint(config), "code": code})
+
+
+def _is_plugin_model(name: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(f"recbole_genrec.model.{name.lower()}")
+    except ImportError:
+        pass
+    from recbole_genrec.utils import get_model
+
+    return get_model(name).__module__.startswith("recbole_genrec.")
+
+
+def record_path(config) -> str:
+    return os.path.join(config["checkpoint_dir"], "runs",
+                        f"{config['model']}-{config['dataset']}-seed{config['seed']}-{record_fingerprint(config)}.json")
+
+
+def write_record(path: str, config, result: dict) -> None:
+    """The run's result with its command, commit, date and seed (atomically)."""
+    import datetime
+    import json
+    import shlex
+    import sys
+
+    from recbole_genrec.atomic import atomic_write_text
+    from recbole_genrec.evaluation.report import git_commit
+
+    record = {
+        "format": RECORD_FORMAT, "model": config["model"], "dataset": config["dataset"], "seed": config["seed"],
+        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "commit": git_commit(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "result": {k: (dict(v) if isinstance(v, dict) else v) for k, v in result.items() if k != "record"},
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1, default=float))
+
+
+def read_record(path: str) -> dict | None:
+    """The result of a record file (with its ``record``: command, commit, date, path), or ``None``
+    when there is none or it is unreadable (then the run is trained again)."""
+    import json
+    from collections import OrderedDict
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if record.get("format") != RECORD_FORMAT:
+            return None
+        result = record["result"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for key in ("best_valid_result", "test_result"):
+        if isinstance(result.get(key), dict):
+            result[key] = OrderedDict(result[key])
+    result["valid_curve"] = [tuple(point) for point in result.get("valid_curve", [])]
+    result["record"] = {k: record.get(k) for k in ("command", "commit", "date")} | {"path": path}
+    return result
+
+
+def train_and_test(model, dataset, config_file_list=None, config_dict=None, saved=True, label=None,
+                   reuse_runs=False) -> dict:
     """One single-process run (what ``run_recbole_genrec`` and ``compare`` call): train, test and
     return RecBole's result dict plus times, ``seed``, ``valid_curve`` (``[(epoch, valid_score)]``),
-    ``valid_metric`` and ``n_test_users``."""
+    ``valid_metric``, ``n_test_users`` and ``record`` (command, commit, date and path of the run
+    record written to ``<checkpoint_dir>/runs/``). ``reuse_runs``: return the record of an earlier
+    run with the same :func:`record_fingerprint` (config, data, code) instead of training again."""
+    from recbole.utils import init_logger
+
+    from recbole_genrec.config import Config
     from recbole_genrec.quick_start import _prepare  # quick_start imports this package
 
     start = time.perf_counter()
-    config, logger, trainer, train_data, valid_data, test_data = _prepare(
-        model, dataset, config_file_list, dict(config_dict or {}))
     label = label or f"model {model}"
+    config_dict = dict(config_dict or {})
+    if reuse_runs:
+        config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+        path = record_path(config)
+        result = read_record(path)
+        if result is not None:
+            init_logger(config)
+            getLogger().info(set_color(label, "green") + f" ... reused {path} (command `{result['record']['command']}`"
+                             f", commit {result['record']['commit']}, {result['record']['date']})")
+            return result
+    config, logger, trainer, train_data, valid_data, test_data = _prepare(
+        model, dataset, config_file_list, config_dict)
     _started(logger, label)
     t = time.perf_counter()
     (best_valid_score, best_valid_result), curve = fit_recording(
@@ -118,7 +223,7 @@ def train_and_test(model, dataset, config_file_list=None, config_dict=None, save
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
     _done(logger, label, start, f" (train {train_time:.1f} s, test {test_time:.1f} s)")
-    return {
+    result = {
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": best_valid_result,
@@ -131,6 +236,12 @@ def train_and_test(model, dataset, config_file_list=None, config_dict=None, save
         "valid_metric": config["valid_metric"],
         "n_test_users": n_users(test_data),
     }
+    if not config["single_spec"] and config["local_rank"] != 0:
+        return result
+    path = record_path(config)
+    write_record(path, config, result)
+    result["record"] = {**(read_record(path) or {}).get("record", {}), "path": path}
+    return result
 
 
 # ----- warm / cold targets ---------------------------------------------------------------------

@@ -325,13 +325,18 @@ def plot_groups(summaries: list[dict], group_key: str, path: str, title: str) ->
 
 # ----- report.md -----------------------------------------------------------------------------
 def git_commit() -> str:
-    """``git rev-parse HEAD`` of the package's checkout, or ``unknown``."""
+    """``git rev-parse HEAD`` of the package's checkout (``+uncommitted changes`` when the package
+    differs from it), or ``unknown``."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    if out.returncode != 0 or not out.stdout.strip():
+        return "unknown"
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                            cwd=os.path.dirname(here), capture_output=True, text=True, timeout=10)
+    return out.stdout.strip() + ("+uncommitted changes" if status.stdout.strip() else "")
 
 
 def package_versions() -> dict:
@@ -360,9 +365,10 @@ def machine() -> dict:
 
 
 def write_report(report_dir: str, title: str, table: str, table_stem: str, images: list[tuple[str, str]],
-                 seeds: list) -> str:
+                 seeds: list, runs: list[dict] | None = None) -> str:
     """``report.md``: the table, the images (``(heading, path)``, embedded by relative path), the
-    exact command, git commit, package versions and machine."""
+    exact command, git commit, package versions and machine, and each run's own command, commit
+    and date (a run reused from its record was trained by another command)."""
     lines = [f"# {title}", "",
              f"- command: `{shlex.join([os.path.basename(sys.executable), *sys.argv])}`",
              f"- git commit: `{git_commit()}`",
@@ -376,6 +382,18 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
     for heading, path in images:
         rel = os.path.relpath(path, report_dir).replace(os.sep, "/")
         lines += [f"## {heading}", "", f"![{heading}]({rel})", ""]
+    records = [r for r in runs or [] if r.get("record")]
+    if records:
+        lines += ["## Runs", "", "Each row of the table comes from one run per seed (a run reused with "
+                  "`--reuse_runs` keeps the command that trained it):", "",
+                  "| model | seed | epochs | commit | date | command |", "|---|---|---|---|---|---|"]
+        for run in records:
+            record = run["record"]
+            curve = run.get("valid_curve") or []
+            epochs = curve[-1][0] + 1 if curve else ""
+            lines.append(f"| {run.get('model')} | {run.get('seed')} | {epochs} | `{record.get('commit')}` | "
+                         f"{record.get('date')} | `{record.get('command')}` |")
+        lines.append("")
     path = os.path.join(report_dir, "report.md")
     atomic_write_text(path, "\n".join(lines))
     print(f"written: {path}")
@@ -403,4 +421,4 @@ def build_report(report_dir: str, title: str, table: str, table_stem: str, summa
     images.append(("Inference time per user", plot_inference_time(
         runs, out("inference_time"), f"{label}: inference time per test user")))
     seeds = list(dict.fromkeys(r.get("seed") for r in runs))
-    return write_report(report_dir, title, table, table_stem, images, seeds)
+    return write_report(report_dir, title, table, table_stem, images, seeds, runs)

@@ -48,6 +48,7 @@ itself is resumed with RecBole's semantics (model, optimizer, epoch, ``cur_step`
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import secrets
@@ -72,6 +73,9 @@ RUN_ONLY_KEYS = frozenset({
     "wandb_project", "gpu_id", "use_gpu", "device", "single_spec", "local_rank", "world_size", "nproc", "ip",
     "port", "offset", "group_offset", "save_dataset", "dataset_save_path", "save_dataloaders",
     "dataloaders_save_path",
+    # options of our command line that RecBole's Config also reads from argv
+    "compare", "protocol", "seeds", "report", "reuse_runs", "recommend", "users", "histories", "k", "hyper",
+    "params_file", "algo", "max_evals", "output_file", "config_files",
 })
 
 
@@ -304,6 +308,19 @@ class ResumableTrainer:
             if self._lock is not None:
                 self._lock.release()
 
+    def _eta_line(self, epoch_idx: int, seconds: float) -> str:
+        """``epoch i/N took s; at most M more (ETA hh:mm:ss), early stop after P more without gain``."""
+        self._epoch_seconds = getattr(self, "_epoch_seconds", []) + [seconds]
+        mean = sum(self._epoch_seconds[-5:]) / len(self._epoch_seconds[-5:])
+        left = self.epochs - epoch_idx - 1
+        line = (f"epoch {epoch_idx + 1}/{self.epochs} took {seconds:.1f} s; at most {left} more "
+                f"(ETA {datetime.timedelta(seconds=round(mean * left))})")
+        if self.eval_step > 0 and self.stopping_step:
+            patience = (self.stopping_step - self.cur_step) * self.eval_step
+            line += (f", early stop after {patience} more epochs without a better {self.valid_metric} "
+                     f"(ETA {datetime.timedelta(seconds=round(mean * min(left, patience)))})")
+        return set_color("progress", "green") + ": " + line
+
     def _fit_loop(self, train_data, valid_data, verbose, saved, show_progress, callback_fn, rng):
         """RecBole 1.2.1's ``Trainer.fit`` loop, plus the ``.last`` checkpoint after each epoch and
         the restored RNG states before the first one."""
@@ -373,6 +390,8 @@ class ResumableTrainer:
                     self._valid_step += 1
             if saved:
                 self._save_last(epoch_idx, stop_flag, train_data, valid_data)
+            if verbose and not stop_flag:
+                self.logger.info(self._eta_line(epoch_idx, time.time() - training_start_time))
             if stop_flag:
                 break
 
