@@ -422,3 +422,36 @@ def build_report(report_dir: str, title: str, table: str, table_stem: str, summa
         runs, out("inference_time"), f"{label}: inference time per test user")))
     seeds = list(dict.fromkeys(r.get("seed") for r in runs))
     return write_report(report_dir, title, table, table_stem, images, seeds, runs)
+
+
+# ----- the README's Results section ------------------------------------------------------------
+README_START, README_END = "<!-- results: {name} start -->", "<!-- results: {name} end -->"
+
+
+def splice_report(readme: str, report_md: str, name: str) -> str:
+    """Replace the text between ``<!-- results: NAME start -->`` and ``<!-- results: NAME end -->``
+    in ``readme`` with ``report_md`` (its headings moved down to ``####``, image paths made relative
+    to the README), atomically. The README's Results are regenerated this way, never hand-edited."""
+    start, end = README_START.format(name=name), README_END.format(name=name)
+    text = open(readme, encoding="utf-8").read()
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{readme}: needs one '{start}' line followed by one '{end}' line")
+    base = os.path.relpath(os.path.dirname(os.path.abspath(report_md)), os.path.dirname(os.path.abspath(readme)))
+    body = []
+    for line in open(report_md, encoding="utf-8").read().splitlines():
+        if line.startswith("#"):
+            line = "###" + line
+        if line.startswith("![") and "](" in line:
+            alt, target = line[2:line.index("](")], line[line.index("](") + 2:-1]
+            line = f"![{alt}]({base.replace(os.sep, '/')}/{target})"
+        body.append(line)
+    new = text[:text.index(start) + len(start)] + "\n" + "\n".join(body).strip() + "\n" + text[text.index(end):]
+    atomic_write_text(readme, new)
+    return new
+
+
+if __name__ == "__main__":  # python -m recbole_genrec.evaluation.report README.md results/ml-100k/report.md NAME
+    if len(sys.argv) != 4:
+        sys.exit("usage: python -m recbole_genrec.evaluation.report README.md REPORT_DIR/report.md NAME")
+    splice_report(sys.argv[1], sys.argv[2], sys.argv[3])
+    print(f"{sys.argv[1]}: results '{sys.argv[3]}' replaced by {sys.argv[2]}")
