@@ -70,3 +70,30 @@ def code_fingerprint() -> str:
 def digest(obj) -> str:
     """Short sha256 of a JSON-serialisable description."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_code_fingerprint(model: str) -> str:
+    """The code a run of ``model`` executes: RecBole's version and our shared run code (trainer,
+    evaluation, config, compat, utils), plus every model-building file of this package when
+    ``model`` is one of ours. RecBole's own models (SASRec, LightGCN, ...) run none of our model
+    code, so editing a generative model keeps their resumable runs and run records valid."""
+    import importlib
+
+    import recbole
+
+    root = Path(__file__).resolve().parent
+    files = [root / name for name in ("compat.py", "config.py", "utils.py")]
+    for sub in ("trainer", "evaluation"):
+        files += sorted((root / sub).glob("*.py"))
+    digest_ = hashlib.sha256(recbole.__version__.encode())
+    for path in files:
+        digest_.update(path.name.encode())
+        digest_.update(file_digest(str(path)).encode())
+    try:
+        importlib.import_module(f"recbole_genrec.model.{model.lower()}")
+        ours = True
+    except ImportError:
+        ours = False
+    if ours or (root / "model" / f"{model.lower()}.py").exists():
+        digest_.update(code_fingerprint().encode())
+    return digest_.hexdigest()

@@ -224,3 +224,15 @@ def test_splice_report_replaces_only_the_marked_section(tmp_path):
     assert "old table" not in text and "| 1 |" in text and "![Plot](rep/x.png)" in text and "##### Plot" in text
     with pytest.raises(ValueError, match="results: other start"):
         report.splice_report(str(readme), str(tmp_path / "rep" / "report.md"), "other")
+
+
+def test_run_code_fingerprint_covers_our_model_code_only_for_our_models(monkeypatch):
+    """A RecBole model's resumable run / run record survives an edit of a generative model's file;
+    a generative model's does not."""
+    from recbole_genrec import fingerprint
+
+    before = {m: fingerprint.run_code_fingerprint(m) for m in ("SASRec", "LightGCN", "TIGER", "TTDS")}
+    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda: "an edited model file")
+    after = {m: fingerprint.run_code_fingerprint(m) for m in before}
+    assert after["SASRec"] == before["SASRec"] and after["LightGCN"] == before["LightGCN"]
+    assert after["TIGER"] != before["TIGER"] and after["TTDS"] != before["TTDS"]

@@ -102,38 +102,11 @@ RECORD_FORMAT = "recbole_genrec-run-1"
 
 
 def record_fingerprint(config) -> str:
-    """What a run's test result depends on: its config (less the run-only keys), its data, RecBole's
-    version and our trainer/evaluation/config code, plus, for a model of this package, all of its
-    model-building code (:func:`recbole_genrec.fingerprint.code_fingerprint`). RecBole's own models
-    (SASRec, LightGCN, ...) run none of our model code, so editing a generative model keeps their
-    records valid."""
-    from recbole_genrec.fingerprint import code_fingerprint, data_fingerprint, digest, file_digest
-    from recbole_genrec.trainer.staged import RUN_ONLY_KEYS
+    """What a run's test result depends on: the run fingerprint (config less the run-only keys,
+    data, and the code the model runs: :func:`recbole_genrec.fingerprint.run_code_fingerprint`)."""
+    from recbole_genrec.trainer.staged import run_fingerprint
 
-    import recbole
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shared = [os.path.join(root, name) for name in ("compat.py", "config.py", "utils.py")]
-    for sub in ("trainer", "evaluation"):
-        folder = os.path.join(root, sub)
-        shared += [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".py")]
-    code = {"recbole": recbole.__version__, "shared": [file_digest(p) for p in shared]}
-    if _is_plugin_model(config["model"]):
-        code["models"] = code_fingerprint()
-    settings = {k: v for k, v in config.final_config_dict.items() if k not in RUN_ONLY_KEYS}
-    return digest({"config": settings, "data": data_fingerprint(config), "code": code})
-
-
-def _is_plugin_model(name: str) -> bool:
-    import importlib
-
-    try:
-        importlib.import_module(f"recbole_genrec.model.{name.lower()}")
-    except ImportError:
-        pass
-    from recbole_genrec.utils import get_model
-
-    return get_model(name).__module__.startswith("recbole_genrec.")
+    return run_fingerprint(config)
 
 
 def record_path(config) -> str:
