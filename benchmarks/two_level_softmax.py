@@ -36,6 +36,29 @@ def best_of(fn, repeats):
     return min(times)
 
 
+def synthetic_catalogue(n_real, n_clusters, d, item_dim, proj_hidden, batch, softmaxes=("full", "two_level")):
+    """Output layers (one per ``softmaxes``, sharing the two-level one's weights) over ``n_real`` items
+    scattered around ``n_clusters`` true centres (their clusters), centroids at the centres' projections,
+    and ``batch`` user states near one of them. Returns ``(models, users)``."""
+    N, K = n_real + 1, n_clusters  # row 0 is the padding item, as in RecBole
+    models = {s: TwoLevelLLMRec.output_layer(N, K, d, item_dim, proj_hidden, softmax=s) for s in softmaxes}
+    two = models["two_level"]
+    centres = F.normalize(torch.randn(K, item_dim), dim=-1) * 3
+    true_cluster = torch.randint(0, K, (N,))
+    with torch.no_grad():
+        two.item_embedding.weight.copy_(centres[true_cluster] + torch.randn(N, item_dim))
+        two.output.set_clusters(true_cluster[1:])
+        last = two.item_proj[-1]  # scale the projection so projected centres have norm ~3
+        scale = 3 / two.item_proj(centres).norm(dim=-1).mean()
+        last.weight.mul_(scale), last.bias.mul_(scale)
+        two.output.cluster_emb.weight.copy_(two.item_proj(centres))
+        for s in softmaxes:
+            if s != "two_level":
+                models[s].load_state_dict(two.state_dict())  # the same item side in all
+        users = two.item_proj(centres[torch.randint(0, K, (batch,))]) + 0.5 * torch.randn(batch, d)
+    return models, users
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--items", type=int, default=200_000)
@@ -52,20 +75,8 @@ def main():
     N, d, B = args.items + 1, args.dim, args.batch  # row 0 is the padding item, as in RecBole
     K = args.clusters or round(args.items ** 0.5)
 
-    models = {s: TwoLevelLLMRec.output_layer(N, K, d, args.item_dim, args.proj_hidden, softmax=s)
-              for s in ("full", "two_level")}
+    models, users = synthetic_catalogue(args.items, K, d, args.item_dim, args.proj_hidden, B)
     two = models["two_level"]
-    centres = F.normalize(torch.randn(K, args.item_dim), dim=-1) * 3
-    true_cluster = torch.randint(0, K, (N,))
-    with torch.no_grad():
-        two.item_embedding.weight.copy_(centres[true_cluster] + torch.randn(N, args.item_dim))
-        two.output.set_clusters(true_cluster[1:])
-        last = two.item_proj[-1]  # scale the projection so projected centres have norm ~3
-        scale = 3 / two.item_proj(centres).norm(dim=-1).mean()
-        last.weight.mul_(scale), last.bias.mul_(scale)
-        two.output.cluster_emb.weight.copy_(two.item_proj(centres))
-        models["full"].load_state_dict(two.state_dict())  # the same item side in both
-        users = two.item_proj(centres[torch.randint(0, K, (B,))]) + 0.5 * torch.randn(B, d)
     h = torch.nn.Parameter(users.clone())
     target = torch.randint(1, N, (B,))
     touched = int(torch.isin(two.output.cluster_of[1:], two.output.cluster_of[target].unique()).sum())

@@ -152,6 +152,77 @@ def test_ann_retrieves_the_mips_topk_of_item_plus_centroid(tmp_path):
     assert ((approx >= 1) & (approx < model.n_items)).all()
 
 
+def test_ann_rerank_returns_real_items_with_their_exact_eq4_log_probs(tmp_path):
+    """ann_rerank: ANN candidates over ``e + c``, re-ranked by exact Eq. 4 (log Z of their clusters only)."""
+    model, _, test = build(tmp_path, n_clusters=7, twolevel_inference="ann_rerank", ann_candidates=15)
+    model.eval()
+    batch = batch_of(test, 16)
+    with torch.no_grad():
+        model.output.cluster_emb.weight.mul_(10.0)  # clusters' log Z and P(c | h) differ: ANN order != Eq. 4 order
+        h = model.user_state(batch)
+        exact = model.log_probs(h)
+        candidates, ann_scores = model.ann_topk(h, 15)
+        items, values = model.ann_rerank_topk(h, 10)
+        scores = model.full_sort_predict(batch)
+    assert ((items >= 1) & (items < model.n_items)).all()  # real items only, never the padding 0
+    assert torch.allclose(values, exact.gather(1, items), atol=1e-5)  # the exact Eq. 4 log-probabilities
+    restricted = torch.full_like(exact, float("-inf")).scatter(1, candidates, exact.gather(1, candidates))
+    best = restricted.topk(10, dim=1)  # the top-10 of the candidates by the exact score
+    assert torch.equal(items, best.indices) and torch.allclose(values, best.values, atol=1e-5)
+    changed = [set(a.tolist()) != set(b.tolist()) for a, b in zip(items, candidates[:, :10])]
+    assert any(changed)  # re-ranking changed which items make the top-10 (log Z matters)
+    assert (torch.isfinite(scores).sum(1) == 10).all() and torch.isinf(scores[:, 0]).all()
+    assert torch.allclose(scores.gather(1, items), values)
+
+
+def test_ann_rerank_over_the_whole_catalogue_is_the_exact_topk(tmp_path):
+    model, _, test = build(tmp_path, n_clusters=7, twolevel_inference="ann_rerank")
+    model.ann_candidates = model.n_items - 1  # every item is a candidate
+    model.eval()
+    batch = batch_of(test, 16)
+    with torch.no_grad():
+        model.output.cluster_emb.weight.mul_(10.0)
+        h = model.user_state(batch)
+        exact = model.log_probs(h)[:, 1:].topk(10, dim=1)
+        items, values = model.ann_rerank_topk(h, 10)
+        ann_items, _ = model.ann_topk(h, 10)
+    assert torch.equal(items, exact.indices + 1)
+    assert torch.allclose(values, exact.values, atol=1e-5)
+    assert any(set(a.tolist()) != set(b.tolist()) for a, b in zip(ann_items, items))  # plain ANN differs here
+
+
+def test_rerank_topk_equals_the_exact_topk_of_any_candidate_set():
+    """The bound-pruned rounds of ``rerank_topk`` give the top-k of the candidates by exact Eq. 4."""
+    from recbole_genrec.decoding.two_level_softmax import TwoLevelSoftmax
+
+    torch.manual_seed(0)
+    N, K, B, m, k = 401, 40, 64, 60, 10
+    output = TwoLevelSoftmax(N, K, 8)
+    output.set_clusters(torch.randint(0, K, (N - 1,)))
+    with torch.no_grad():
+        output.cluster_emb.weight.normal_(0, 2)
+    vectors, h = torch.randn(N, 8) * 2, torch.randn(B, 8)
+    candidates = torch.stack([torch.randperm(N - 1)[:m] + 1 for _ in range(B)])
+    candidates[:4, -55:] = 0  # rows with fewer than k real candidates
+    exact = output.log_probs(h, vectors)
+    expected = exact.gather(1, candidates).masked_fill(candidates == 0, float("-inf")).topk(k, dim=1)
+    items, values = output.rerank_topk(h, vectors, candidates, k)
+    real = torch.isfinite(expected.values)
+    assert torch.equal(items[real], candidates.gather(1, expected.indices)[real])
+    assert torch.allclose(values[real], expected.values[real], atol=1e-5)
+    assert (items[~real] == 0).all() and torch.isinf(values[~real]).all() and (~real[:4]).any(1).all()
+
+
+def test_ann_rerank_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="ann_candidates"):
+        build(tmp_path, twolevel_inference="ann_rerank", ann_candidates=5)  # topk is [10]
+    with pytest.raises(ValueError, match="ann_rerank"):
+        build(tmp_path, twolevel_softmax="full", twolevel_inference="ann_rerank")
+    model, _, _ = build(tmp_path, twolevel_inference="ann_rerank", ann_candidates=10)
+    with pytest.raises(ValueError, match="ann_candidates"):
+        model.ann_rerank_topk(torch.zeros(1, model.output.cluster_emb.weight.shape[1]), 11)
+
+
 def test_clusterings_partition_the_catalogue(tmp_path):
     model, train, _ = build(tmp_path, clustering="frequency", n_clusters=4)
     counts = torch.bincount(train._dataset.inter_feat[model.ITEM_ID], minlength=model.n_items)

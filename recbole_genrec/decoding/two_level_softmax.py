@@ -13,7 +13,8 @@ token's LLM embedding (Sec. 4.2), so ``P(v | h) = P(c_v | h)``; they are passed 
 :meth:`loss` projects each member of the batch's target clusters once (Sec. 4.3.1); :meth:`structure_topk`
 finds the exact top-k with the bound ``P(t | h) <= P(c(t) | h)`` (Eq. 6); :meth:`ann_keys` gives the
 vectors ``e_t + centroid_{c(t)}`` whose maximum inner products with ``h`` approximate the ranking
-(Sec. 4.3.2, the per-cluster partition function dropped).
+(Sec. 4.3.2, the per-cluster partition function dropped); :meth:`rerank_topk` ranks such ANN candidates
+by their exact Eq. 4 log-probability, computing ``log Z_c(h)`` only for clusters of the candidates.
 """
 
 from __future__ import annotations
@@ -154,26 +155,106 @@ class TwoLevelSoftmax(nn.Module):
         """``e_t + centroid_{c(t)}`` for every item ``[N, d]``: MIPS keys of the ANN approximation."""
         return vectors + self.cluster_emb.weight[self.cluster_of]
 
+    def cluster_blocks(self, vectors: torch.Tensor):
+        """``vectors`` of the real items reordered cluster by cluster ``[N - 1, d]``, each cluster's first
+        row and its size ``[K]``: every cluster's members are one contiguous block (for :meth:`rerank_topk`)."""
+        members, member_mask, _, _ = self.index()
+        sizes = member_mask.sum(1)
+        return vectors[members[member_mask]], sizes.cumsum(0) - sizes, sizes
 
-def faiss_mips_index(keys: torch.Tensor, kind: str = "flat"):
-    """A faiss inner-product index over ``keys [n, d]``: ``flat`` (exact) or ``hnsw`` (approximate)."""
+    def _pair_log_z(self, h, rows, clusters, blocks):
+        """Exact ``log Z_c(h_r)`` (the denominator of Eq. 3) for (row ``r``, cluster ``c``) pairs: one
+        matrix product per distinct cluster, with the rows that need it."""
+        by_cluster, starts, sizes = blocks
+        order = torch.argsort(clusters)
+        rows, clusters = rows[order], clusters[order]
+        distinct, counts = torch.unique_consecutive(clusters, return_counts=True)
+        parts, first = [], 0
+        for c_start, c_size, count in zip(starts[distinct].tolist(), sizes[distinct].tolist(), counts.tolist()):
+            logits = h[rows[first:first + count]] @ by_cluster[c_start:c_start + c_size].T
+            parts.append(logits.logsumexp(1))
+            first += count
+        out = h.new_empty(len(order))
+        out[order] = torch.cat(parts)
+        return out
+
+    @torch.no_grad()
+    def rerank_topk(self, h: torch.Tensor, vectors: torch.Tensor, candidates: torch.Tensor, k: int, blocks=None):
+        """The top-``k`` of ``candidates [B, m]`` (item ids, e.g. from the ANN search over
+        :meth:`ann_keys`; ``0`` = none) by exact ``log P(t | h) = log P(c | h) + h . e_t - log Z_c(h)``
+        (Eq. 2-4): items ``[B, k]`` and their exact log-probabilities (``-inf``, item ``0`` where a row
+        has fewer than ``k`` candidates). ``log Z_c(h)`` is computed only for (row, cluster) pairs of the
+        candidates, and not for all of them: ``log Z_c(h) >= logsumexp`` of the row's candidates in ``c``
+        bounds each candidate's log-probability from above (as Eq. 6 does with ``P(c | h)``); rounds take
+        each row's ``k`` best-bounded candidates not yet scored and compute their clusters' ``log Z``,
+        until no unscored candidate's bound reaches the row's ``k``-th exact score. The result is the
+        exact top-``k`` of the candidates. ``blocks``: :meth:`cluster_blocks` of ``vectors`` (cache it)."""
+        B, m = candidates.shape
+        if k > m:
+            raise ValueError(f"cannot re-rank {m} candidates into a top-{k}")
+        blocks = self.cluster_blocks(vectors) if blocks is None else blocks
+        row, col = (candidates > 0).nonzero(as_tuple=True)  # the real candidates, flattened
+        items = candidates[row, col]
+        cluster = self.cluster_of[items]
+        score = (h[row] * vectors[items]).sum(-1)  # h . e_t
+        base = self.cluster_log_probs(h)[row, cluster] + score  # log P(c | h) + h . e_t
+        pairs, pair_of = torch.unique(row * self.n_clusters + cluster, return_inverse=True)
+        pair_row, pair_cluster = pairs // self.n_clusters, pairs % self.n_clusters
+        # lower bound of log Z per pair: log-sum-exp of its candidates' h . e (max-shifted)
+        shift = score.new_full((len(pairs),), float("-inf")).scatter_reduce(0, pair_of, score, "amax")
+        bound = shift + score.new_zeros(len(pairs)).index_add_(0, pair_of, (score - shift[pair_of]).exp()).log()
+        upper = base - bound[pair_of]  # >= the exact log P(t | h)
+        log_z = score.new_zeros(len(pairs))
+        done = torch.zeros(len(pairs), dtype=torch.bool, device=h.device)
+        exact = torch.full((B, m), float("-inf"), device=h.device)
+        kth = torch.full((B,), float("-inf"), device=h.device)
+        flat = torch.full((B, m), -1, dtype=torch.long, device=h.device)
+        flat[row, col] = torch.arange(len(row), device=h.device)
+        while True:
+            open_ = ~done[pair_of] & (upper + 1e-4 >= kth[row])  # a margin for rounding
+            if not open_.any():
+                break
+            ranked = torch.full((B, m), float("-inf"), device=h.device)
+            ranked[row[open_], col[open_]] = upper[open_]
+            top, picked = ranked.topk(k, dim=1)
+            new = torch.unique(pair_of[flat.gather(1, picked)[torch.isfinite(top)]])
+            log_z[new] = self._pair_log_z(h, pair_row[new], pair_cluster[new], blocks)
+            done[new] = True
+            scored = done[pair_of]
+            exact[row[scored], col[scored]] = base[scored] - log_z[pair_of[scored]]
+            kth = exact.topk(k, dim=1).values[:, -1]
+        values, picked = exact.topk(k, dim=1)
+        return candidates.gather(1, picked).masked_fill(torch.isinf(values), 0), values
+
+
+def faiss_mips_index(keys: torch.Tensor, kind: str = "flat", hnsw_m: int = 32, ef_construction: int | None = None):
+    """A faiss inner-product index over ``keys [n, d]``: ``flat`` (exact) or ``hnsw`` (approximate; a
+    graph of degree ``hnsw_m``, built with breadth ``ef_construction``, faiss' default 40 if ``None``)."""
     import faiss
 
     keys = keys.detach().float().cpu().contiguous().numpy()
     if kind == "flat":
         index = faiss.IndexFlatIP(keys.shape[1])
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(keys.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWFlat(keys.shape[1], int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
+        if ef_construction is not None:
+            index.hnsw.efConstruction = int(ef_construction)
     else:
         raise ValueError(f"ann_index must be 'flat' or 'hnsw', got {kind!r}")
     index.add(keys)
     return index
 
 
-def faiss_search(index, queries: torch.Tensor, k: int, offset: int = 0):
+def faiss_search(index, queries: torch.Tensor, k: int, offset: int = 0, ef_search: int | None = None):
     """Top-``k`` rows of ``index`` for ``queries``: ids (+ ``offset``) ``[B, k]`` and scores; rows
-    faiss could not fill get id ``0`` and score ``-inf``."""
-    scores, ids = index.search(queries.detach().float().cpu().contiguous().numpy(), k)
+    faiss could not fill get id ``0`` and score ``-inf``. ``ef_search``: an HNSW index's search breadth
+    for this call (faiss does not raise it to ``k`` by itself; ``None``: the index's own, default 16)."""
+    import faiss
+
+    params = None
+    if ef_search is not None and isinstance(index, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(efSearch=int(ef_search))
+    scores, ids = index.search(queries.detach().float().cpu().contiguous().numpy(), k, params=params)
     ids, scores = torch.from_numpy(ids).to(queries.device), torch.from_numpy(scores).to(queries.device)
     missing = ids < 0
     return (ids + offset).masked_fill(missing, 0), scores.masked_fill(missing, float("-inf"))

@@ -76,6 +76,105 @@ class Backbone:
         return getattr(cfg, "d_model", None) or cfg.hidden_size
 
 
+# ----- T5 attention: the position-bias mask built once per stack pass ---------------------------
+T5_ATTENTION = "recbole_genrec_t5_sdpa"
+_NO_MASK = object()  # cross-attention without padding: SDPA without a mask
+_T5_MASKS = None  # position bias (self-attention) or padding mask (cross-attention) -> (signature, mask, -inf?)
+
+
+def _t5_mask(module, query, key, attention_mask, position_bias):
+    """``(mask, has_neg_inf)``: the additive SDPA mask of one T5 attention call, built once per stack
+    pass and reused by the stack's other layers (HF's ``sdpa`` builds it again in every layer: a
+    ``[B, heads, q, k]`` ``where`` and a copy, and their backward), or ``(None, _)`` for a case left to HF.
+
+    Same values as ``transformers.integrations.sdpa_attention.create_position_bias_mask``: self-attention
+    gets the relative position bias (made contiguous before the ``where``, so the result needs no copy)
+    with the padding or causal mask folded in; cross-attention, whose T5 position bias is all zeros
+    (``EncDecAttention`` has no relative bias), gets the padding mask alone, ``[B, 1, q, k]`` broadcast
+    over the heads instead of a ``[B, heads, q, k]`` copy."""
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    global _T5_MASKS
+    if _T5_MASKS is None:
+        _T5_MASKS = WeakIdKeyDictionary()
+    q_len, kv_len = query.shape[2], key.shape[2]
+    cross = module.is_decoder and not module.is_causal and not module.has_relative_attention_bias
+    if cross:
+        if attention_mask is None:
+            return _NO_MASK, False
+        owner, other = attention_mask, None
+    else:
+        if position_bias is None:
+            return None, False
+        owner, other = position_bias, attention_mask
+    causal = not cross and module.is_causal and attention_mask is None and q_len > 1
+    if causal and kv_len > q_len:
+        return None, False  # HF crops the keys to the queries here (static-cache prefill)
+    signature = (causal, q_len, kv_len, key.dtype, key.device, torch.is_grad_enabled())
+    cached = _T5_MASKS.get(owner)
+    if cached is not None and cached[0] is other and cached[1] == signature:
+        return cached[2], cached[3]
+    min_value = torch.finfo(key.dtype).min
+    has_neg_inf = False
+    if cross:
+        if attention_mask.dtype == torch.bool:
+            mask = torch.where(attention_mask, torch.zeros((), dtype=key.dtype, device=key.device), min_value)
+        else:
+            mask, has_neg_inf = attention_mask.to(key.dtype), bool(torch.isneginf(attention_mask).any())
+    else:
+        bias = position_bias.contiguous()
+        if attention_mask is None:
+            if causal:
+                allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=key.device).tril()
+                mask = torch.where(allowed.view(1, 1, q_len, kv_len), bias, min_value)
+            else:
+                mask = bias
+        elif attention_mask.dtype == torch.bool:
+            mask = torch.where(attention_mask, bias, min_value)
+        else:
+            mask, has_neg_inf = bias + attention_mask, bool(torch.isneginf(attention_mask).any())
+    _T5_MASKS[owner] = (other, signature, mask, has_neg_inf)
+    return mask, has_neg_inf
+
+
+def _t5_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None,
+                  **kwargs):
+    """HF's ``sdpa`` attention for T5, with :func:`_t5_mask`: the same mask values into the same SDPA
+    call, except training with dropout on the CPU, where SDPA can only take its math path: that path's
+    steps are run here without its guard for rows that are entirely ``-inf`` (2 extra passes over the
+    ``[B, heads, q, k]`` scores plus their backward; such a row never occurs with HF's masks, whose
+    masked entries are the dtype's min, and the guard is kept when the mask has ``-inf``), so the
+    result is bit for bit the same."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    mask, has_neg_inf = _t5_mask(module, query, key, attention_mask, position_bias)
+    if mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      position_bias=position_bias, **kwargs)
+    mask = None if mask is _NO_MASK else mask
+    if dropout > 0.0 and query.device.type == "cpu" and not has_neg_inf and scaling == 1.0:
+        scores = torch.matmul(query, key.transpose(-1, -2))  # T5 does not scale q.k
+        if mask is not None:
+            scores = scores + mask
+        probs = torch.nn.functional.dropout(torch.softmax(scores, dim=-1), dropout, True)
+        out = torch.matmul(probs, value)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_t5_attention(model: torch.nn.Module) -> None:
+    """Run a T5 ``model`` with :func:`_t5_attention`: a pure speed-up (the masks HF builds for
+    ``sdpa``, the same attention values)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(T5_ATTENTION, _t5_attention)
+    AttentionMaskInterface.register(T5_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(T5_ATTENTION)
+
+
 def _model_class(family: str):
     from transformers import AutoModelForCausalLM, T5ForConditionalGeneration
 
@@ -94,6 +193,7 @@ def build_backbone(preset: str, vocab_size: int, **overrides) -> Backbone:
     config = config_cls(**kwargs)
     if family == "t5":
         model = _model_class(family)(config)
+        use_t5_attention(model)
     else:
         model = _model_class(family).from_config(config)
     return Backbone(model=model, family=family)
@@ -118,6 +218,8 @@ def load_backbone(llm_path: str, with_tokenizer: bool = True) -> Backbone:
     with open(config_file) as f:
         family = _family_of(json.load(f).get("model_type", "?"), llm_path)
     model = _model_class(family).from_pretrained(llm_path, dtype=torch.float32)
+    if family == "t5":
+        use_t5_attention(model)
     tokenizer = None
     if with_tokenizer and any(
         os.path.isfile(os.path.join(llm_path, name))

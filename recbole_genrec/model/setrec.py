@@ -107,7 +107,10 @@ class SETRec(GenerativeRecommender):
         self.n_query = 1 + self.n_sem
         self.queries = nn.Parameter(torch.randn(self.n_query, d) * 0.02, requires_grad=config["setrec_learn_queries"])
         self.register_buffer("beta", torch.tensor(float(config["setrec_beta"])))
-        self._token_cache = None
+        # what one-pass inference reuses across users, valid while the parameters are unchanged: filled
+        # in eval mode only, emptied by train() / eval() / load_state_dict (never holds beta, which
+        # SETRecTrainer changes in eval mode)
+        self._eval_cache = {}
 
     # ----- CF stage -------------------------------------------------------------------
     def train_stage(self, stage, train_data, valid_data, stage_config, show_progress=False):
@@ -154,8 +157,10 @@ class SETRec(GenerativeRecommender):
     def history_inputs(self, item_seq, item_len, tokens):
         """Flattened history embeddings ``[B, H * Q, d]``, item validity ``[B, H]``, item positions."""
         items, valid = self.last_items(item_seq, item_len, self.history)
-        slots = self._slot_mask().to(items.device)
-        emb = tokens[items][:, :, slots]  # [B, H, q, d]: only the dimensions in use
+        slots = self._slot_mask()
+        emb = tokens[items]
+        if not bool(slots.all()):
+            emb = emb[:, :, slots.to(items.device)]  # [B, H, q, d]: only the dimensions in use
         B, H, q, d = emb.shape
         return emb.reshape(B, H * q, d), valid, q
 
@@ -174,13 +179,15 @@ class SETRec(GenerativeRecommender):
         mask = valid.repeat_interleave(q, 1).long()
         positions = torch.arange(H, device=hist.device).repeat_interleave(q)
         encoder = self.llm.get_encoder()
-        with _shared_positions(encoder, positions if self.sparse_mask else None):
+        cache = None if self.training else self._eval_cache
+        with _shared_positions(encoder, positions if self.sparse_mask else None, cache):
             enc = encoder(inputs_embeds=hist, attention_mask=mask).last_hidden_state
         Q = self.n_query
         # each query attends only to itself (identity self-attention mask), so the relative position
-        # bias is the same constant for all of them: order-free, in one decoder pass
+        # bias is the same constant for all of them: order-free, in one decoder pass. One mask for
+        # every user ([1, 1, Q, Q], broadcast over the batch)
         eye = torch.eye(Q, dtype=torch.bool, device=hist.device)
-        self_mask = torch.zeros(B, 1, Q, Q, dtype=enc.dtype, device=hist.device)
+        self_mask = torch.zeros(1, 1, Q, Q, dtype=enc.dtype, device=hist.device)
         self_mask = self_mask.masked_fill(~eye, torch.finfo(enc.dtype).min)
         return self.llm.get_decoder()(
             inputs_embeds=self.queries.unsqueeze(0).expand(B, Q, -1), attention_mask=self_mask,
@@ -252,21 +259,44 @@ class SETRec(GenerativeRecommender):
             return sem
         return (1 - self.beta) * cf + self.beta * sem
 
+    def grounding_weights(self):
+        """Eq. 7's weight of each dimension's score, ``[1 + n_sem]`` (an unused dimension: 0)."""
+        if not self.use_sem:
+            w_cf, w_sem = torch.ones_like(self.beta), torch.zeros_like(self.beta)
+        elif not self.use_cf:
+            w_cf, w_sem = torch.zeros_like(self.beta), torch.ones_like(self.beta)
+        else:
+            w_cf, w_sem = 1 - self.beta, self.beta
+        return torch.cat([w_cf.view(1), w_sem.view(1).expand(self.n_sem)])
+
+    def ground_catalogue(self, generated):
+        """:meth:`ground` over the cached catalogue (eval mode) as one ``[B, Q * d] x [Q * d, N]``
+        product: each generated token weighted by its dimension's grounding weight, against the
+        catalogue's set tokens laid out once (no ``[B, Q, N]`` per-dimension scores and no per-batch
+        re-layout of the catalogue). Equal to :meth:`ground` up to float rounding."""
+        table = self._eval_cache.get("score_table")
+        if table is None:
+            tokens = self.catalogue_tokens()
+            table = tokens.reshape(len(tokens), -1).t().contiguous()  # [Q * d, N]
+            self._eval_cache["score_table"] = table
+        weighted = generated * self.grounding_weights().to(generated.dtype).view(1, -1, 1)
+        return weighted.reshape(len(generated), -1) @ table
+
     def catalogue_tokens(self):
         """``item_tokens()`` of the catalogue, cached while the model is in eval mode."""
         if self.training:
-            self._token_cache = None
+            self._eval_cache = {}
             return self.item_tokens()
-        if self._token_cache is None:
-            self._token_cache = self.item_tokens()
-        return self._token_cache
+        if "tokens" not in self._eval_cache:
+            self._eval_cache["tokens"] = self.item_tokens()
+        return self._eval_cache["tokens"]
 
     def train(self, mode=True):
-        self._token_cache = None
+        self._eval_cache = {}
         return super().train(mode)
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        self._token_cache = None
+        self._eval_cache = {}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def score_items(self, interaction, text_emb=None, cf_emb=None):
@@ -275,7 +305,7 @@ class SETRec(GenerativeRecommender):
         tokens_all = self.catalogue_tokens()
         generated = self.generate_tokens(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], tokens_all)
         if text_emb is None:
-            return self.ground(generated, tokens_all)
+            return self.ground(generated, tokens_all) if self.training else self.ground_catalogue(generated)
         if cf_emb is None:
             cf_emb = torch.zeros(len(text_emb), self.cf_item_emb.shape[1], device=text_emb.device)
         return self.ground(generated, self.item_tokens(text_emb, cf_emb))
@@ -291,8 +321,9 @@ class SETRec(GenerativeRecommender):
 
 
 @contextlib.contextmanager
-def _shared_positions(encoder, positions):
-    """Feed item-level positions to T5's relative position bias (tokens of an item share one)."""
+def _shared_positions(encoder, positions, cache=None):
+    """Feed item-level positions to T5's relative position bias (tokens of an item share one).
+    ``cache`` (eval mode: the model's ``_eval_cache``) keeps the bias, which is the same for every user."""
     if positions is None:
         yield
         return
@@ -300,11 +331,18 @@ def _shared_positions(encoder, positions):
 
     def compute_bias(query_length, key_length, device=None, past_seen_tokens=0):
         pos = positions.to(device or attn.relative_attention_bias.weight.device)
+        key = ("position_bias", len(pos), str(pos.device))
+        use_cache = cache is not None and not torch.is_grad_enabled()  # (a bias with grad stays fresh)
+        if use_cache and key in cache and torch.equal(cache[key][0], pos):
+            return cache[key][1]
         bucket = attn._relative_position_bucket(
             pos[None, :] - pos[:, None], bidirectional=not attn.is_decoder,
             num_buckets=attn.relative_attention_num_buckets, max_distance=attn.relative_attention_max_distance,
         )
-        return attn.relative_attention_bias(bucket).permute([2, 0, 1]).unsqueeze(0)
+        bias = attn.relative_attention_bias(bucket).permute([2, 0, 1]).unsqueeze(0)
+        if use_cache:
+            cache[key] = (pos, bias)
+        return bias
 
     attn.compute_bias = compute_bias
     try:

@@ -24,9 +24,17 @@ Inference, ``twolevel_inference`` (Sec. 4.3.2):
   ``P(cluster | h)``, which bounds the probability of each of their items (Eq. 6); the search stops
   when the next cluster's bound cannot beat the k-th best item found. Same top-k as ``exact``.
 - ``ann``: faiss maximum inner product search over ``e + c(item)``, dropping the per-cluster
-  partition function (the paper's approximation); ``ann_index`` flat (exact MIPS) or hnsw.
+  partition function (the paper's approximation); ``ann_index`` flat (exact MIPS) or hnsw
+  (``hnsw_m``, ``hnsw_ef_construction``, ``hnsw_ef_search``).
+- ``ann_rerank`` (ours, for million-item catalogues): the same search returns ``ann_candidates``
+  items, which are re-ranked by their exact Eq. 4 log-probability: ``log P(cluster | h)`` (Eq. 2 over
+  all clusters, cheap) plus ``log P(item | cluster, h)`` (Eq. 3), whose partition function is computed
+  only for the clusters the candidates fall in. Exact whenever the true top-k are among the
+  candidates. Two-level only: with ``full`` the ANN scores are already the exact logits ``h . e``
+  (Eq. 1; HNSW stores the vectors uncompressed), so re-ranking would change nothing: use ``ann``.
 ``full_sort_predict`` returns ``[B, n_items]``: every score for ``exact``, otherwise ``-inf`` except
-the retrieved top ``max(topk)`` items.
+the retrieved top ``max(topk)`` items (``structure``, ``ann_rerank``: their log P(item | h); ``ann``:
+their inner products).
 
 Clusters (pre-processing, Sec. 4.2 and Table 5): ``clustering`` = ``kmeans`` on pretrained item
 embeddings (``cluster_source: cf``: a RecBole BPR matrix factorisation trained as stage ``cf`` or
@@ -70,13 +78,24 @@ class TwoLevelLLMRec(GenerativeRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.softmax_type = self.option(config, "twolevel_softmax", ("two_level", "full"))
-        self.inference = self.option(config, "twolevel_inference", ("exact", "structure", "ann"))
+        self.inference = self.option(config, "twolevel_inference", ("exact", "structure", "ann", "ann_rerank"))
         self.ann_index_type = self.option(config, "ann_index", ("flat", "hnsw"))
+        self.hnsw_m = int(config["hnsw_m"] or 32)
+        ef_construction, ef_search = config["hnsw_ef_construction"], config["hnsw_ef_search"]
+        self.hnsw_ef_construction = None if ef_construction is None else int(ef_construction)
+        self.hnsw_ef_search = None if ef_search is None else int(ef_search)
         self.clustering = self.option(config, "clustering", CLUSTERINGS)
         self.cluster_source = self.option(config, "cluster_source", ("cf", "text"))
         if self.softmax_type == "full" and self.inference == "structure":
             raise ValueError("twolevel_inference 'structure' needs twolevel_softmax 'two_level' (there is no hierarchy)")
+        if self.softmax_type == "full" and self.inference == "ann_rerank":
+            raise ValueError("twolevel_inference 'ann_rerank' needs twolevel_softmax 'two_level': with 'full' the "
+                             "ANN scores are already the exact logits (Eq. 1), use twolevel_inference 'ann'")
         self.topk = max(config["topk"]) if isinstance(config["topk"], list) else int(config["topk"])
+        self.ann_candidates = config["ann_candidates"]
+        if not isinstance(self.ann_candidates, int) or self.ann_candidates < self.topk:
+            raise ValueError(f"ann_candidates (the ANN candidates re-ranked by ann_rerank) must be an integer "
+                             f">= the largest topk ({self.topk}), got {self.ann_candidates!r}")
         self.metadata_sampling = bool(config["metadata_sampling"])
         self.id_only_ratio = float(config["id_only_ratio"])
         if not 0.0 <= self.id_only_ratio <= 1.0:
@@ -134,6 +153,7 @@ class TwoLevelLLMRec(GenerativeRecommender):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.n_items, self.n_text, self.softmax_type, self.ann_index_type, self._cache = n_items, 0, softmax, "flat", {}
+        self.ann_candidates, self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search = 200, 32, None, None
         self._build_output(item_size, proj_hidden, d, n_clusters)
         return self
 
@@ -322,13 +342,29 @@ class TwoLevelLLMRec(GenerativeRecommender):
             with torch.no_grad():
                 vectors = self.item_vectors()
                 keys = self.output.ann_keys(vectors) if self.softmax_type == "two_level" else vectors
-            self._cache["ann"] = faiss_mips_index(keys[1:], self.ann_index_type)
+            self._cache["ann"] = faiss_mips_index(keys[1:], self.ann_index_type, self.hnsw_m, self.hnsw_ef_construction)
         return self._cache["ann"]
 
     @torch.no_grad()
-    def ann_topk(self, h, k: int):
-        """Top-``k`` items by faiss MIPS with the user state ``h``: items ``[B, k]`` and scores."""
-        return faiss_search(self.ann_index(), h, k, offset=1)
+    def ann_topk(self, h, k: int, ef_search: int | None = None):
+        """Top-``k`` items by faiss MIPS with the user state ``h``: items ``[B, k]`` and scores
+        (``ef_search``: HNSW search breadth, default ``hnsw_ef_search``)."""
+        return faiss_search(self.ann_index(), h, k, offset=1, ef_search=ef_search or self.hnsw_ef_search)
+
+    @torch.no_grad()
+    def ann_rerank_topk(self, h, k: int):
+        """``ann_rerank``: the top ``ann_candidates`` items by MIPS over ``e + c(item)`` (Sec. 4.3.2),
+        re-ranked by their exact ``log P(item | h)`` (Eq. 4; ``log Z`` only of candidates' clusters,
+        see ``TwoLevelSoftmax.rerank_topk``). Items ``[B, k]`` and their log-probabilities. An HNSW
+        search looks ``max(hnsw_ef_search, ann_candidates)`` nodes wide."""
+        m = min(self.ann_candidates, self.n_items - 1)
+        if m < k:
+            raise ValueError(f"ann_candidates ({self.ann_candidates}) must be >= k ({k})")
+        candidates, _ = self.ann_topk(h, m, ef_search=max(self.hnsw_ef_search or 0, m))
+        vectors = self.item_vectors()
+        if "blocks" not in self._cache:
+            self._cache["blocks"] = self.output.cluster_blocks(vectors)
+        return self.output.rerank_topk(h, vectors, candidates, k, self._cache["blocks"])
 
     def full_sort_predict(self, interaction):
         h = self.user_state(interaction)
@@ -337,6 +373,8 @@ class TwoLevelLLMRec(GenerativeRecommender):
         k = min(self.topk, self.n_items - 1)
         if self.inference == "structure":
             items, values, _ = self.output.structure_topk(h, self.item_vectors(), k)
+        elif self.inference == "ann_rerank":
+            items, values = self.ann_rerank_topk(h, k)
         else:
             items, values = self.ann_topk(h, k)
         scores = torch.full((len(h), self.n_items), float("-inf"), device=h.device).scatter(1, items, values)
