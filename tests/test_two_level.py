@@ -173,6 +173,13 @@ def test_ann_rerank_returns_real_items_with_their_exact_eq4_log_probs(tmp_path):
     assert any(changed)  # re-ranking changed which items make the top-10 (log Z matters)
     assert (torch.isfinite(scores).sum(1) == 10).all() and torch.isinf(scores[:, 0]).all()
     assert torch.allclose(scores.gather(1, items), values)
+    for kind in ("hnsw", "hnsw_sq"):  # approximate candidate sets, still exact scores of real items
+        model.ann_index_type = kind
+        model.train(False)  # a mode switch drops the cached index
+        with torch.no_grad():
+            items, values = model.ann_rerank_topk(h, 10)
+        assert ((items >= 1) & (items < model.n_items)).all()
+        assert torch.allclose(values, exact.gather(1, items), atol=1e-5)
 
 
 def test_ann_rerank_over_the_whole_catalogue_is_the_exact_topk(tmp_path):

@@ -155,27 +155,21 @@ class TwoLevelSoftmax(nn.Module):
         """``e_t + centroid_{c(t)}`` for every item ``[N, d]``: MIPS keys of the ANN approximation."""
         return vectors + self.cluster_emb.weight[self.cluster_of]
 
-    def cluster_blocks(self, vectors: torch.Tensor):
-        """``vectors`` of the real items reordered cluster by cluster ``[N - 1, d]``, each cluster's first
-        row and its size ``[K]``: every cluster's members are one contiguous block (for :meth:`rerank_topk`)."""
+    def cluster_blocks(self, vectors: torch.Tensor) -> list:
+        """The real items' ``vectors`` cluster by cluster: one ``[size_c, d]`` view per cluster into a
+        single reordered copy (for :meth:`rerank_topk`; cache it while ``vectors`` are fixed)."""
         members, member_mask, _, _ = self.index()
-        sizes = member_mask.sum(1)
-        return vectors[members[member_mask]], sizes.cumsum(0) - sizes, sizes
+        return list(vectors[members[member_mask]].split(member_mask.sum(1).tolist()))
 
-    def _pair_log_z(self, h, rows, clusters, blocks):
+    @staticmethod
+    def _pair_log_z(h, rows, clusters, blocks):
         """Exact ``log Z_c(h_r)`` (the denominator of Eq. 3) for (row ``r``, cluster ``c``) pairs: one
         matrix product per distinct cluster, with the rows that need it."""
-        by_cluster, starts, sizes = blocks
         order = torch.argsort(clusters)
-        rows, clusters = rows[order], clusters[order]
-        distinct, counts = torch.unique_consecutive(clusters, return_counts=True)
-        parts, first = [], 0
-        for c_start, c_size, count in zip(starts[distinct].tolist(), sizes[distinct].tolist(), counts.tolist()):
-            logits = h[rows[first:first + count]] @ by_cluster[c_start:c_start + c_size].T
-            parts.append(logits.logsumexp(1))
-            first += count
+        distinct, counts = torch.unique_consecutive(clusters[order], return_counts=True)
+        groups = h[rows[order]].split(counts.tolist())
         out = h.new_empty(len(order))
-        out[order] = torch.cat(parts)
+        out[order] = torch.cat([(g @ blocks[c].T).logsumexp(1) for g, c in zip(groups, distinct.tolist())])
         return out
 
     @torch.no_grad()
@@ -228,19 +222,26 @@ class TwoLevelSoftmax(nn.Module):
 
 
 def faiss_mips_index(keys: torch.Tensor, kind: str = "flat", hnsw_m: int = 32, ef_construction: int | None = None):
-    """A faiss inner-product index over ``keys [n, d]``: ``flat`` (exact) or ``hnsw`` (approximate; a
-    graph of degree ``hnsw_m``, built with breadth ``ef_construction``, faiss' default 40 if ``None``)."""
+    """A faiss inner-product index over ``keys [n, d]``: ``flat`` (exact), ``hnsw`` (approximate; a
+    graph of degree ``hnsw_m``, built with breadth ``ef_construction``, faiss' default 40 if ``None``)
+    or ``hnsw_sq`` (the same graph over 8-bit scalar-quantised keys: a quarter of the memory traffic,
+    approximate scores; for candidates that are re-scored exactly)."""
     import faiss
 
     keys = keys.detach().float().cpu().contiguous().numpy()
     if kind == "flat":
         index = faiss.IndexFlatIP(keys.shape[1])
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(keys.shape[1], int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
+    elif kind in ("hnsw", "hnsw_sq"):
+        if kind == "hnsw":
+            index = faiss.IndexHNSWFlat(keys.shape[1], int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexHNSWSQ(keys.shape[1], faiss.ScalarQuantizer.QT_8bit, int(hnsw_m),
+                                      faiss.METRIC_INNER_PRODUCT)
+            index.train(keys)
         if ef_construction is not None:
             index.hnsw.efConstruction = int(ef_construction)
     else:
-        raise ValueError(f"ann_index must be 'flat' or 'hnsw', got {kind!r}")
+        raise ValueError(f"ann_index must be 'flat', 'hnsw' or 'hnsw_sq', got {kind!r}")
     index.add(keys)
     return index
 

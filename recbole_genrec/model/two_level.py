@@ -24,13 +24,13 @@ Inference, ``twolevel_inference`` (Sec. 4.3.2):
   ``P(cluster | h)``, which bounds the probability of each of their items (Eq. 6); the search stops
   when the next cluster's bound cannot beat the k-th best item found. Same top-k as ``exact``.
 - ``ann``: faiss maximum inner product search over ``e + c(item)``, dropping the per-cluster
-  partition function (the paper's approximation); ``ann_index`` flat (exact MIPS) or hnsw
-  (``hnsw_m``, ``hnsw_ef_construction``, ``hnsw_ef_search``).
+  partition function (the paper's approximation); ``ann_index`` flat (exact MIPS), hnsw (``hnsw_m``,
+  ``hnsw_ef_construction``, ``hnsw_ef_search``) or hnsw_sq (the same over 8-bit quantised keys).
 - ``ann_rerank`` (ours, for million-item catalogues): the same search returns ``ann_candidates``
   items, which are re-ranked by their exact Eq. 4 log-probability: ``log P(cluster | h)`` (Eq. 2 over
   all clusters, cheap) plus ``log P(item | cluster, h)`` (Eq. 3), whose partition function is computed
   only for the clusters the candidates fall in. Exact whenever the true top-k are among the
-  candidates. Two-level only: with ``full`` the ANN scores are already the exact logits ``h . e``
+  candidates; the search's own scores are not used, so ``hnsw_sq`` costs it nothing. Two-level only: with ``full`` the ANN scores are already the exact logits ``h . e``
   (Eq. 1; HNSW stores the vectors uncompressed), so re-ranking would change nothing: use ``ann``.
 ``full_sort_predict`` returns ``[B, n_items]``: every score for ``exact``, otherwise ``-inf`` except
 the retrieved top ``max(topk)`` items (``structure``, ``ann_rerank``: their log P(item | h); ``ann``:
@@ -79,7 +79,7 @@ class TwoLevelLLMRec(GenerativeRecommender):
         super().__init__(config, dataset)
         self.softmax_type = self.option(config, "twolevel_softmax", ("two_level", "full"))
         self.inference = self.option(config, "twolevel_inference", ("exact", "structure", "ann", "ann_rerank"))
-        self.ann_index_type = self.option(config, "ann_index", ("flat", "hnsw"))
+        self.ann_index_type = self.option(config, "ann_index", ("flat", "hnsw", "hnsw_sq"))
         self.hnsw_m = int(config["hnsw_m"] or 32)
         ef_construction, ef_search = config["hnsw_ef_construction"], config["hnsw_ef_search"]
         self.hnsw_ef_construction = None if ef_construction is None else int(ef_construction)
