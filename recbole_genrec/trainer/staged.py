@@ -317,7 +317,8 @@ class ResumableTrainer:
         line = (f"epoch {epoch_idx + 1}/{self.epochs} took {seconds:.1f} s; at most {left} more "
                 f"(ETA {datetime.timedelta(seconds=round(mean * left))})")
         if self.eval_step > 0 and self.stopping_step:
-            patience = (self.stopping_step - self.cur_step) * self.eval_step
+            # RecBole's early_stopping stops once cur_step exceeds stopping_step
+            patience = (self.stopping_step - self.cur_step + 1) * self.eval_step
             line += (f", early stop after {patience} more epochs without a better {self.valid_metric} "
                      f"(ETA {datetime.timedelta(seconds=round(mean * min(left, patience)))})")
         return set_color("progress", "green") + ": " + line
