@@ -214,7 +214,8 @@ def test_compare_reuses_run_records_only_for_the_same_config(tmp_path, monkeypat
 
 def test_splice_report_replaces_only_the_marked_section(tmp_path):
     (tmp_path / "rep").mkdir()
-    (tmp_path / "rep" / "report.md").write_text("# ml: test results\n\n| a |\n|---|\n| 1 |\n\n## Plot\n\n![Plot](x.png)\n")
+    (tmp_path / "rep" / "report.md").write_text(
+        "# ml: test results\n\nrows in [t.csv](t.csv)\n\n| a |\n|---|\n| 1 |\n\n## Plot\n\n![Plot](x.png)\n")
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results: ml start -->\nold table\n<!-- results: ml end -->\noutro\n")
     report.splice_report(str(readme), str(tmp_path / "rep" / "report.md"), "ml")
@@ -222,6 +223,7 @@ def test_splice_report_replaces_only_the_marked_section(tmp_path):
     assert text.startswith("intro\n<!-- results: ml start -->\n#### ml: test results") and text.endswith(
         "<!-- results: ml end -->\noutro\n")
     assert "old table" not in text and "| 1 |" in text and "![Plot](rep/x.png)" in text and "##### Plot" in text
+    assert "[t.csv](rep/t.csv)" in text
     with pytest.raises(ValueError, match="results: other start"):
         report.splice_report(str(readme), str(tmp_path / "rep" / "report.md"), "other")
 

@@ -13,6 +13,7 @@ import io
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -441,9 +442,8 @@ def splice_report(readme: str, report_md: str, name: str) -> str:
     for line in open(report_md, encoding="utf-8").read().splitlines():
         if line.startswith("#"):
             line = "###" + line
-        if line.startswith("![") and "](" in line:
-            alt, target = line[2:line.index("](")], line[line.index("](") + 2:-1]
-            line = f"![{alt}]({base.replace(os.sep, '/')}/{target})"
+        line = re.sub(r"\]\((?!https?:|/|#)([^)\s]+)\)",
+                      lambda m: f"]({base.replace(os.sep, '/')}/{m.group(1)})", line)  # images and links
         body.append(line)
     new = text[:text.index(start) + len(start)] + "\n" + "\n".join(body).strip() + "\n" + text[text.index(end):]
     atomic_write_text(readme, new)
