@@ -299,10 +299,20 @@ def test_item_text_enters_as_the_backbones_own_tokens_with_llm_path(tmp_path):
     model.train()
     n_train = model.history_inputs(seq, length)[2]
     assert (n_train > 2 * length.clamp(max=model.max_seq_length)).any()  # several text tokens per item
-    sum(model.calculate_loss(batch)).backward()
-    grad = model.llm.get_input_embeddings().weight.grad
-    used = model.item_text_ids[model.item_text_mask].unique()
-    assert grad[used].abs().sum() > 0  # the text went through the LLM's own embedding table
+    # the history's text enters as rows of the LLM's own (live) embedding table: move the table, and
+    # the text inputs move with it (a copy or another encoder would not); every text token is also
+    # an output centroid, so a gradient on its row would not tell
+    model._presentation = lambda B, H, device: torch.cat([torch.ones(B, H), torch.zeros(B, 1)], 1).long()
+    table = model.llm.get_input_embeddings().weight
+    with torch.no_grad():
+        table.add_(torch.randn_like(table))
+    inputs, mask = model.history_inputs(seq, length)[:2]
+    items, valid = model.last_items(seq, length, model.max_seq_length)
+    for b in range(4):
+        text = torch.cat([model.item_text_ids[i][model.item_text_mask[i]] for i in items[b][valid[b]]])
+        rows = inputs[b][mask[b].bool()]
+        assert len(rows) == len(text) + 1  # text only (no ID token), then the placeholder
+        assert torch.cdist(table[text].detach(), rows.detach()).min(1).values.max() < 1e-5
     with pytest.raises(ValueError, match="tokenizer"):
         build(tmp_path, twolevel_text_input="tokens")  # presets have no tokenizer
 
