@@ -77,9 +77,9 @@ def run_code_fingerprint(model: str) -> str:
     evaluation, config, compat, utils), plus every model-building file of this package when
     ``model`` is one of ours. RecBole's own models (SASRec, LightGCN, ...) run none of our model
     code, so editing a generative model keeps their resumable runs and run records valid."""
-    import importlib
-
     import recbole
+
+    from recbole_genrec.utils import MODEL_MODULES  # utils imports RecBole: not at module load
 
     root = Path(__file__).resolve().parent
     files = [root / name for name in ("compat.py", "config.py", "utils.py")]
@@ -89,11 +89,6 @@ def run_code_fingerprint(model: str) -> str:
     for path in files:
         digest_.update(path.name.encode())
         digest_.update(file_digest(str(path)).encode())
-    try:
-        importlib.import_module(f"recbole_genrec.model.{model.lower()}")
-        ours = True
-    except ImportError:
-        ours = False
-    if ours or (root / "model" / f"{model.lower()}.py").exists():
+    if model in MODEL_MODULES:
         digest_.update(code_fingerprint().encode())
     return digest_.hexdigest()
