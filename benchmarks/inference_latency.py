@@ -48,16 +48,21 @@ def timed(fn, batches, repeats=1):
     return (time.perf_counter() - start) / repeats
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def common_arguments(parser):
+    """The data and batch options shared with ``setrec_single_pass.py``."""
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--config_files", default=None)
     parser.add_argument("--users", type=int, default=512)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--tokenizer_epochs", type=int, default=30)
+    return parser
+
+
+def main():
+    parser = common_arguments(argparse.ArgumentParser())
     parser.add_argument("--beam", type=int, default=20)
     parser.add_argument("--preset", default="t5-tiny")
     parser.add_argument("--decoder_preset", default="qwen2-tiny")
-    parser.add_argument("--tokenizer_epochs", type=int, default=30)
     args = parser.parse_args()
     sys.argv = sys.argv[:1]
     files = args.config_files.split() if args.config_files else None

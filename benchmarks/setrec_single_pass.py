@@ -25,20 +25,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from inference_latency import test_batches  # noqa: E402
+from inference_latency import common_arguments, test_batches  # noqa: E402
 
 from recbole_genrec.llm.backbone import T5_ATTENTION  # noqa: E402
 from recbole_genrec.quick_start import _prepare  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--config_files", default=None)
-    parser.add_argument("--users", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=128)
+    parser = common_arguments(argparse.ArgumentParser())
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--tokenizer_epochs", type=int, default=30)
     args = parser.parse_args()
     sys.argv = sys.argv[:1]
     files = args.config_files.split() if args.config_files else None

@@ -113,7 +113,7 @@ def main(argv=None):
         return run_warm_cold(args.compare or args.model, args.dataset, config_file_list=config_files, **extra)
     if args.protocol == "unseen_users":
         return run_unseen_users(args.dataset, config_file_list=config_files, **extra)
-    if args.reuse_runs and not (args.compare or seeds or args.report) or args.reuse_runs and args.protocol:
+    if args.reuse_runs and (args.protocol or not (args.compare or seeds or args.report)):
         parser.error("--reuse_runs works with --compare (or --seeds / --report) without --protocol")
     if args.compare or seeds or args.report:
         return compare(args.compare or args.model, args.dataset, config_file_list=config_files,

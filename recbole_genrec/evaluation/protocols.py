@@ -101,21 +101,19 @@ def n_users(loader) -> int:
 RECORD_FORMAT = "recbole_genrec-run-1"
 
 
-def record_fingerprint(config) -> str:
-    """What a run's test result depends on: the run fingerprint (config less the run-only keys,
-    data, and the code the model runs: :func:`recbole_genrec.fingerprint.run_code_fingerprint`)."""
+def record_path(config) -> str:
+    """``<checkpoint_dir>/runs/<model>-<dataset>-seed<seed>-<run fingerprint>.json``: the run
+    fingerprint covers the config (less run-only keys), the data and the code the model runs
+    (:func:`recbole_genrec.trainer.staged.run_fingerprint`)."""
     from recbole_genrec.trainer.staged import run_fingerprint
 
-    return run_fingerprint(config)
-
-
-def record_path(config) -> str:
     return os.path.join(config["checkpoint_dir"], "runs",
-                        f"{config['model']}-{config['dataset']}-seed{config['seed']}-{record_fingerprint(config)}.json")
+                        f"{config['model']}-{config['dataset']}-seed{config['seed']}-{run_fingerprint(config)}.json")
 
 
-def write_record(path: str, config, result: dict) -> None:
-    """The run's result with its command, commit, date and seed (atomically)."""
+def write_record(path: str, config, result: dict) -> dict:
+    """Write the run's result with its command, commit, date and seed (atomically); return the
+    ``record`` entry :func:`read_record` gives back (command, commit, date, path)."""
     import datetime
     import json
     import shlex
@@ -132,6 +130,7 @@ def write_record(path: str, config, result: dict) -> None:
     }
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=1, default=float))
+    return {k: record[k] for k in ("command", "commit", "date")} | {"path": path}
 
 
 def read_record(path: str) -> dict | None:
@@ -164,7 +163,7 @@ def train_and_test(model, dataset, config_file_list=None, config_dict=None, save
     return RecBole's result dict plus times, ``seed``, ``valid_curve`` (``[(epoch, valid_score)]``),
     ``valid_metric``, ``n_test_users`` and ``record`` (command, commit, date and path of the run
     record written to ``<checkpoint_dir>/runs/``). ``reuse_runs``: return the record of an earlier
-    run with the same :func:`record_fingerprint` (config, data, code) instead of training again."""
+    run with the same config, data and code (:func:`record_path`) instead of training again."""
     from recbole.utils import init_logger
 
     from recbole_genrec.config import Config
@@ -211,9 +210,7 @@ def train_and_test(model, dataset, config_file_list=None, config_dict=None, save
     }
     if not config["single_spec"] and config["local_rank"] != 0:
         return result
-    path = record_path(config)
-    write_record(path, config, result)
-    result["record"] = {**(read_record(path) or {}).get("record", {}), "path": path}
+    result["record"] = write_record(record_path(config), config, result)
     return result
 
 
