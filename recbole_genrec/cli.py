@@ -39,8 +39,12 @@ def main(argv=None):
     parser.add_argument("--seeds", type=str, default=None,
                         help="comma-separated seeds: each model runs once per seed, tables show mean ± std")
     parser.add_argument("--reuse_runs", action="store_true",
-                        help="--compare: take a model's result from the run record of an earlier run with the "
-                             "same config, data and code (<checkpoint_dir>/runs/) instead of training it again")
+                        help="--compare / --protocol=warm_cold: take a run's result from the run record of an "
+                             "earlier run with the same config, data and code (<checkpoint_dir>/runs/) instead of "
+                             "training it again")
+    parser.add_argument("--records_only", action="store_true",
+                        help="like --reuse_runs, but train nothing: tabulate the runs that have a record and "
+                             "list the missing ones in report.md")
     parser.add_argument("--report", type=str, default=None, metavar="DIR",
                         help="write the table, PNG plots and report.md to DIR (needs matplotlib)")
     parser.add_argument("--nproc", type=int, default=1, help="processes of a distributed run (gloo on CPU, NCCL on GPU)")
@@ -109,15 +113,18 @@ def main(argv=None):
         parser.error("give either --seed (one run) or --seeds (one run per seed), not both")
     if (seeds or args.report) and (args.nproc > 1 or args.world_size > 0):
         parser.error("--seeds and --report run in one process: drop --nproc / --world_size")
+    records = {"reuse_runs": args.reuse_runs, "records_only": args.records_only}
+    if any(records.values()) and (args.protocol == "unseen_users" or not (args.compare or seeds or args.report
+                                                                         or args.protocol)):
+        parser.error("--reuse_runs / --records_only work with --compare (or --seeds / --report) and "
+                     "--protocol=warm_cold")
     if args.protocol == "warm_cold":
-        return run_warm_cold(args.compare or args.model, args.dataset, config_file_list=config_files, **extra)
+        return run_warm_cold(args.compare or args.model, args.dataset, config_file_list=config_files, **records,
+                             **extra)
     if args.protocol == "unseen_users":
         return run_unseen_users(args.dataset, config_file_list=config_files, **extra)
-    if args.reuse_runs and (args.protocol or not (args.compare or seeds or args.report)):
-        parser.error("--reuse_runs works with --compare (or --seeds / --report) without --protocol")
     if args.compare or seeds or args.report:
-        return compare(args.compare or args.model, args.dataset, config_file_list=config_files,
-                       reuse_runs=args.reuse_runs, **extra)
+        return compare(args.compare or args.model, args.dataset, config_file_list=config_files, **records, **extra)
     return run_recbole_genrec(model=args.model, dataset=args.dataset, config_file_list=config_files,
                               nproc=args.nproc, world_size=args.world_size, ip=args.ip, port=args.port,
                               group_offset=args.group_offset, config_dict=run_config)

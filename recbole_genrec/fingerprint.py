@@ -72,23 +72,70 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_code_fingerprint(model: str) -> str:
-    """The code a run of ``model`` executes: RecBole's version and our shared run code (trainer,
-    evaluation, config, compat, utils), plus every model-building file of this package when
-    ``model`` is one of ours. RecBole's own models (SASRec, LightGCN, ...) run none of our model
-    code, so editing a generative model keeps their resumable runs and run records valid."""
-    import recbole
+# Modules that run no part of a training run: tables and plots, run records, the command lines.
+NOT_RUN_CODE = ("recbole_genrec.evaluation.report", "recbole_genrec.evaluation.records", "recbole_genrec.cli",
+                "recbole_genrec.hyper", "recbole_genrec.recommend")
+# What every run executes: data preparation and the model/trainer set-up (quick_start._prepare), the
+# protocols, the trainer wrapper, config, compatibility shims and the model registry.
+RUN_ROOTS = ("recbole_genrec.quick_start", "recbole_genrec.evaluation.protocols", "recbole_genrec.trainer.staged",
+             "recbole_genrec.config", "recbole_genrec.compat", "recbole_genrec.utils")
 
+
+def _module_file(name: str) -> Path | None:
+    root = Path(__file__).resolve().parent
+    rel = Path(*name.split(".")[1:])
+    for path in (root / rel.with_suffix(".py"), root / rel / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _package_imports(name: str, path: Path) -> set[str]:
+    """The ``recbole_genrec`` modules ``path`` imports anywhere (function-level imports included)."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # ``from pkg import module``
+    return {m for m in found if m.startswith("recbole_genrec") and _module_file(m) is not None}
+
+
+def run_code_files(model: str) -> list[Path]:
+    """The source files a run of ``model`` can execute: :data:`RUN_ROOTS` plus, for our models, the
+    model's module, and everything those import inside this package (followed transitively, less
+    :data:`NOT_RUN_CODE`). RecBole's own models (SASRec, LightGCN, ...) reach none of our model files,
+    and each of our models reaches only its own (LETTER reaches TIGER's, which it extends)."""
     from recbole_genrec.utils import MODEL_MODULES  # utils imports RecBole: not at module load
 
+    todo = list(RUN_ROOTS) + ([MODEL_MODULES[model]] if model in MODEL_MODULES else [])
+    seen: dict[str, Path] = {}
+    while todo:
+        name = todo.pop()
+        if name in seen or name in NOT_RUN_CODE:
+            continue
+        seen[name] = _module_file(name)
+        todo.extend(_package_imports(name, seen[name]))
+    return [seen[name] for name in sorted(seen)]
+
+
+def run_code_fingerprint(model: str) -> str:
+    """sha256 of the code a run of ``model`` executes (:func:`run_code_files`) and RecBole's version.
+    Editing one generative model keeps the resumable runs and run records of every other model
+    (RecBole's included) valid; editing shared run code (trainer, protocols, config) does not."""
+    import recbole
+
     root = Path(__file__).resolve().parent
-    files = [root / name for name in ("compat.py", "config.py", "utils.py")]
-    for sub in ("trainer", "evaluation"):  # report.py only draws tables and plots: left out
-        files += sorted(p for p in (root / sub).glob("*.py") if p.name != "report.py")
     digest_ = hashlib.sha256(recbole.__version__.encode())
-    for path in files:
-        digest_.update(path.name.encode())
+    for path in run_code_files(model):
+        digest_.update(path.relative_to(root).as_posix().encode())
         digest_.update(file_digest(str(path)).encode())
-    if model in MODEL_MODULES:
-        digest_.update(code_fingerprint().encode())
     return digest_.hexdigest()

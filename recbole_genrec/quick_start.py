@@ -130,7 +130,7 @@ def load_data_and_model(model_file):
 
 
 def compare(models, dataset, config_file_list=None, config_dict=None, saved=True, output_dir=None,
-            seeds=None, report_dir=None, reuse_runs=False):
+            seeds=None, report_dir=None, reuse_runs=False, records_only=False):
     """Run each model on the same dataset, split and seed(s); write one results table.
 
     Every model gets the same ``eval_args`` (``SHARED_EVAL_ARGS`` unless the caller sets it).
@@ -145,9 +145,11 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
     when ``seeds`` is given. Every run leaves a record (result, command, commit, date) in
     ``<checkpoint_dir>/runs/``; ``reuse_runs`` takes a model's result from the record of an earlier
     run with the same config, data and code instead of training it again, so long runs can be done
-    one model at a time (in separate processes) and tabulated together.
+    one model at a time (in separate processes) and tabulated together. ``records_only`` trains
+    nothing: the table holds the runs that have a record, and ``report.md`` lists the ones missing.
     """
     from recbole_genrec.evaluation.protocols import each_run, model_list, parse_seeds, store, train_and_test
+    from recbole_genrec.evaluation.records import require_some
     from recbole_genrec.evaluation.report import build_report, require_matplotlib, write_seed_table
 
     models, seeds = model_list(models), parse_seeds(seeds)
@@ -160,19 +162,23 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
         # RecBole's general models default to a random 8:1:1 split, its sequential ones to
         # leave-one-out: one protocol for all makes the table comparable.
         config_dict["eval_args"] = dict(SHARED_EVAL_ARGS)
-    results, rows, runs = {}, [], []
+    results, rows, runs, missing = {}, [], [], []
     for label, name, run_config in each_run(models, config_dict, seeds):
         result = train_and_test(name, dataset, config_file_list, run_config, saved=saved, label=label,
-                                reuse_runs=reuse_runs)
+                                reuse_runs=reuse_runs, records_only=records_only)
+        if result is None:
+            missing.append(f"{name} (seed {run_config.get('seed', 'default')})")
+            continue
         store(results, name, seeds, result["seed"], result)
         rows.append({"model": name, "seed": result["seed"], **result["test_result"],
                      "train_time_s": result["train_time_s"], "test_time_s": result["test_time_s"]})
         runs.append({"model": name, **result})
+    require_some(rows, missing, config_dict)
     output_dir = output_dir or report_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
     title, stem = f"{dataset}: test results", f"compare-{dataset}"
     table, summaries = write_seed_table(rows, ("model",), output_dir, stem, title)
     if report_dir:
-        build_report(report_dir, title, table, stem, summaries, runs, label=dataset)
+        build_report(report_dir, title, table, stem, summaries, runs, label=dataset, missing=missing)
     return results
 
 

@@ -212,6 +212,37 @@ def test_compare_reuses_run_records_only_for_the_same_config(tmp_path, monkeypat
     assert len(list((tmp_path / "saved" / "runs").glob("*.json"))) == 2
 
 
+def test_warm_cold_runs_leave_records_and_reuse_them(tmp_path, monkeypatch):
+    """The warm/cold protocol records each run (its all/warm/cold metrics) and ``reuse_runs`` takes
+    the table from the records without training; ``records_only`` tabulates what has a record,
+    lists the rest in report.md, and is a clear error when nothing has one."""
+    from recbole_genrec import quick_start
+
+    config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 1}
+    first = protocols.run_warm_cold("SASRec", "genrec-tiny", [TINY_YAML], config, saved=False,
+                                    output_dir=str(tmp_path / "a"))
+    records = list((tmp_path / "saved" / "runs").glob("SASRec-genrec-tiny-warm_cold-seed2020-*.json"))
+    assert len(records) == 1
+
+    prepared = []
+    real_prepare = quick_start._prepare
+    monkeypatch.setattr(quick_start, "_prepare", lambda *a, **k: prepared.append(a) or real_prepare(*a, **k))
+    again = protocols.run_warm_cold("SASRec", "genrec-tiny", [TINY_YAML], config, saved=False,
+                                    output_dir=str(tmp_path / "b"), reuse_runs=True)
+    assert prepared == [] and again == first
+    assert (tmp_path / "a" / "warm_cold-genrec-tiny.md").read_text() == (tmp_path / "b" / "warm_cold-genrec-tiny.md").read_text()
+
+    only = protocols.run_warm_cold("SASRec,LightGCN", "genrec-tiny", [TINY_YAML], config, saved=False,
+                                   report_dir=str(tmp_path / "rep"), records_only=True)
+    assert prepared == [] and set(only) == {"SASRec"}
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "Not in the table" in text and "LightGCN (seed default)" in text
+    assert {row["model"] for row in _md_table(tmp_path / "rep" / "warm_cold-genrec-tiny.md")} == {"SASRec"}
+    with pytest.raises(ValueError, match="records_only: no run record .* LightGCN"):
+        compare("LightGCN", "genrec-tiny", [TINY_YAML], config, saved=False, records_only=True)
+    assert prepared == []
+
+
 def test_splice_report_replaces_only_the_marked_section(tmp_path):
     (tmp_path / "rep").mkdir()
     (tmp_path / "rep" / "report.md").write_text(
@@ -228,14 +259,34 @@ def test_splice_report_replaces_only_the_marked_section(tmp_path):
         report.splice_report(str(readme), str(tmp_path / "rep" / "report.md"), "other")
 
 
-def test_run_code_fingerprint_covers_our_model_code_only_for_our_models(monkeypatch):
-    """A RecBole model's resumable run / run record survives an edit of a generative model's file;
-    a generative model's does not."""
+def test_run_code_fingerprint_covers_exactly_the_code_each_model_runs(monkeypatch):
+    """A run's fingerprint (resume names, run records) follows the imports of the code it runs: an
+    edit of one generative model keeps every other model's runs valid (RecBole's and ours), an
+    edit of TIGER reaches LETTER (which extends it), an edit of shared run code reaches all, and
+    the report and record writers reach none."""
     from recbole_genrec import fingerprint
 
     ours = ("TIGER", "LETTER", "SETRec", "TokenRec", "TwoLevelLLMRec", "TTDS")
-    before = {m: fingerprint.run_code_fingerprint(m) for m in ("SASRec", "LightGCN", *ours)}
-    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda: "an edited model file")
-    after = {m: fingerprint.run_code_fingerprint(m) for m in before}
-    assert after["SASRec"] == before["SASRec"] and after["LightGCN"] == before["LightGCN"]
-    assert all(after[m] != before[m] for m in ours)  # every model of ours, two_level.py's included
+    models = ("SASRec", "LightGCN", *ours)
+    files = {m: {p.relative_to(p.parents[1]).as_posix() if p.parent.name != "recbole_genrec" else p.name
+                 for p in fingerprint.run_code_files(m)} for m in models}
+    for m in models:
+        assert {"quick_start.py", "evaluation/protocols.py", "trainer/staged.py", "config.py"} <= files[m], m
+        assert not files[m] & {"evaluation/report.py", "evaluation/records.py", "cli.py"}, m
+    assert not any(f.startswith(("model/", "quantize/", "decoding/")) for f in files["SASRec"])
+    assert "model/tiger.py" in files["LETTER"] and "quantize/rq_vae.py" in files["LETTER"]
+    assert "quantize/mq_tokenizer.py" in files["TokenRec"] and "decoding/beam_search.py" in files["TTDS"]
+
+    real = fingerprint.file_digest
+    before = {m: fingerprint.run_code_fingerprint(m) for m in models}
+
+    def edited(name):
+        monkeypatch.setattr(fingerprint, "file_digest",
+                            lambda path: "edited" if path.replace(os.sep, "/").endswith(name) else real(path))
+        return {m for m in models if fingerprint.run_code_fingerprint(m) != before[m]}
+
+    assert edited("model/tiger.py") == {"TIGER", "LETTER"}
+    assert edited("model/two_level.py") == {"TwoLevelLLMRec"}  # the registry's module, not two_level -> twolevel
+    assert edited("quantize/rq_vae.py") == {"TIGER", "LETTER", "SETRec", "TokenRec", "TTDS"}
+    assert edited("evaluation/protocols.py") == set(models)
+    assert edited("evaluation/report.py") == set()

@@ -12,11 +12,12 @@ import contextlib
 import inspect
 import os
 import time
-from logging import getLogger
 
 import torch
 from recbole.utils import get_environment, set_color
 
+from recbole_genrec.evaluation.records import (  # noqa: F401 - read_record: re-exported
+    find_record, log_reused, read_record, record_path, require_some, write_record)
 from recbole_genrec.evaluation.report import build_report, require_matplotlib, write_seed_table
 
 # SETRec's protocol (Sec. 4.1): a global time-ordered 8:1:1 split of the (augmented) interactions.
@@ -97,90 +98,26 @@ def n_users(loader) -> int:
     return int(torch.unique(dataset.inter_feat[dataset.uid_field]).numel())
 
 
-# ----- run records: one JSON file per finished run, reusable by a later compare --------------
-RECORD_FORMAT = "recbole_genrec-run-1"
-
-
-def record_path(config) -> str:
-    """``<checkpoint_dir>/runs/<model>-<dataset>-seed<seed>-<run fingerprint>.json``: the run
-    fingerprint covers the config (less run-only keys), the data and the code the model runs
-    (:func:`recbole_genrec.trainer.staged.run_fingerprint`)."""
-    from recbole_genrec.trainer.staged import run_fingerprint
-
-    return os.path.join(config["checkpoint_dir"], "runs",
-                        f"{config['model']}-{config['dataset']}-seed{config['seed']}-{run_fingerprint(config)}.json")
-
-
-def write_record(path: str, config, result: dict) -> dict:
-    """Write the run's result with its command, commit, date and seed (atomically); return the
-    ``record`` entry :func:`read_record` gives back (command, commit, date, path)."""
-    import datetime
-    import json
-    import shlex
-    import sys
-
-    from recbole_genrec.atomic import atomic_write_text
-    from recbole_genrec.evaluation.report import git_commit
-
-    record = {
-        "format": RECORD_FORMAT, "model": config["model"], "dataset": config["dataset"], "seed": config["seed"],
-        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "commit": git_commit(),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "result": {k: (dict(v) if isinstance(v, dict) else v) for k, v in result.items() if k != "record"},
-    }
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write_text(path, json.dumps(record, indent=1, default=float))
-    return {k: record[k] for k in ("command", "commit", "date")} | {"path": path}
-
-
-def read_record(path: str) -> dict | None:
-    """The result of a record file (with its ``record``: command, commit, date, path), or ``None``
-    when there is none or it is unreadable (then the run is trained again)."""
-    import json
-    from collections import OrderedDict
-
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            record = json.load(f)
-        if record.get("format") != RECORD_FORMAT:
-            return None
-        result = record["result"]
-    except (OSError, ValueError, KeyError):
-        return None
-    for key in ("best_valid_result", "test_result"):
-        if isinstance(result.get(key), dict):
-            result[key] = OrderedDict(result[key])
-    result["valid_curve"] = [tuple(point) for point in result.get("valid_curve", [])]
-    result["record"] = {k: record.get(k) for k in ("command", "commit", "date")} | {"path": path}
-    return result
-
-
 def train_and_test(model, dataset, config_file_list=None, config_dict=None, saved=True, label=None,
-                   reuse_runs=False) -> dict:
+                   reuse_runs=False, records_only=False) -> dict | None:
     """One single-process run (what ``run_recbole_genrec`` and ``compare`` call): train, test and
     return RecBole's result dict plus times, ``seed``, ``valid_curve`` (``[(epoch, valid_score)]``),
     ``valid_metric``, ``n_test_users`` and ``record`` (command, commit, date and path of the run
     record written to ``<checkpoint_dir>/runs/``). ``reuse_runs``: return the record of an earlier
-    run with the same config, data and code (:func:`record_path`) instead of training again."""
-    from recbole.utils import init_logger
-
-    from recbole_genrec.config import Config
+    run with the same config, data and code (:func:`~recbole_genrec.evaluation.records.record_path`)
+    instead of training again; ``records_only``: return ``None`` when there is no such record."""
     from recbole_genrec.quick_start import _prepare  # quick_start imports this package
 
     start = time.perf_counter()
     label = label or f"model {model}"
     config_dict = dict(config_dict or {})
-    if reuse_runs:
-        config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
-        path = record_path(config)
-        result = read_record(path)
+    if reuse_runs or records_only:
+        config, path, result = find_record(model, dataset, config_file_list, config_dict)
         if result is not None:
-            init_logger(config)
-            getLogger().info(set_color(label, "green") + f" ... reused {path} (command `{result['record']['command']}`"
-                             f", commit {result['record']['commit']}, {result['record']['date']})")
+            log_reused(config, label, path, result)
             return result
+        if records_only:
+            return None
     config, logger, trainer, train_data, valid_data, test_data = _prepare(
         model, dataset, config_file_list, config_dict)
     _started(logger, label)
@@ -278,7 +215,7 @@ def warm_cold_metrics(trainer, train_data, test_data, load_best_model=False, tim
 
 
 def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, saved=True, output_dir=None,
-                  seeds=None, report_dir=None):
+                  seeds=None, report_dir=None, reuse_runs=False, records_only=False):
     """Train each model on the warm/cold protocol; report test metrics on all, warm and cold targets.
 
     Warm targets are items seen in the training split, cold ones are not (see
@@ -286,45 +223,69 @@ def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, save
     evaluator; the table goes to ``warm_cold-<dataset>.{md,csv}`` under ``output_dir`` (default
     ``report_dir``, else ``<checkpoint_dir>/compare``). Returns ``{model: {group: metrics}}``, or
     ``{model: {seed: {group: metrics}}}`` when ``seeds`` is given. ``report_dir`` adds the
-    all/warm/cold panels, validation curves, inference time per user and ``report.md``.
+    all/warm/cold panels, validation curves, inference time per user and ``report.md``. Every run
+    leaves a record (``<checkpoint_dir>/runs/<model>-<dataset>-warm_cold-seed<seed>-*.json``);
+    ``reuse_runs`` / ``records_only`` as in :func:`train_and_test`.
     """
-    from recbole_genrec.quick_start import _prepare  # quick_start imports this package
-
     models, seeds = model_list(models), parse_seeds(seeds)
     if report_dir:
         require_matplotlib()
     config_dict = {"eval_args": dict(WARM_COLD_EVAL_ARGS), "topk": [5, 10], "metrics": ["Recall", "NDCG"],
                    "valid_metric": "NDCG@10", **dict(config_dict or {})}
-    rows, runs, results = [], [], {}
+    rows, runs, results, missing = [], [], {}, []
     for label, name, run_config in each_run(models, config_dict, seeds):
-        start = time.perf_counter()
-        config, logger, trainer, train_data, valid_data, test_data = _prepare(
-            name, dataset, config_file_list, run_config)
-        _started(logger, label)
-        t = time.perf_counter()
-        _, curve = fit_recording(trainer, train_data, valid_data, saved=saved, show_progress=config["show_progress"])
-        train_time = time.perf_counter() - t
-        timings = {}
-        groups = warm_cold_metrics(trainer, train_data, test_data, load_best_model=saved, timings=timings)
-        store(results, name, seeds, config["seed"], {group: metrics for group, (metrics, _) in groups.items()})
-        for group, (metrics, n) in groups.items():
-            rows.append({"model": name, "targets": group, "n": n, "seed": config["seed"], **metrics,
-                         "train_time_s": train_time})
-            logger.info(f"{name} {group} targets ({n}): {metrics}")
-        runs.append({"model": name, "seed": config["seed"], "valid_curve": curve, "valid_metric": config["valid_metric"],
-                     "test_time_s": timings["test_time_s"], "n_test_users": n_users(test_data)})
-        _done(logger, label, start, f" (train {train_time:.1f} s)")
+        run = _warm_cold_run(name, dataset, config_file_list, run_config, saved, label, reuse_runs, records_only)
+        if run is None:
+            missing.append(f"{name} (seed {run_config.get('seed', 'default')})")
+            continue
+        store(results, name, seeds, run["seed"], {group: g["metrics"] for group, g in run["groups"].items()})
+        for group, g in run["groups"].items():
+            rows.append({"model": name, "targets": group, "n": g["n"], "seed": run["seed"], **g["metrics"],
+                         "train_time_s": run["train_time_s"]})
+        runs.append({"model": name, **run})
+    require_some(rows, missing, config_dict)
     _write_outputs(rows, runs, "targets", config_dict, output_dir, report_dir, f"warm_cold-{dataset}",
-                   f"{dataset}: warm/cold protocol (global time-ordered 8:1:1)", f"{dataset} warm/cold")
+                   f"{dataset}: warm/cold protocol (global time-ordered 8:1:1)", f"{dataset} warm/cold", missing)
     return results
 
 
-def _write_outputs(rows, runs, group_key, config_dict, output_dir, report_dir, stem, title, label):
+def _warm_cold_run(name, dataset, config_file_list, run_config, saved, label, reuse_runs, records_only):
+    """One model and seed of :func:`run_warm_cold`: its record, or a trained and tested run (recorded)."""
+    from recbole_genrec.quick_start import _prepare  # quick_start imports this package
+
+    if reuse_runs or records_only:
+        config, path, run = find_record(name, dataset, config_file_list, run_config, protocol="warm_cold")
+        if run is not None:
+            log_reused(config, label, path, run)
+            return run
+        if records_only:
+            return None
+    start = time.perf_counter()
+    config, logger, trainer, train_data, valid_data, test_data = _prepare(name, dataset, config_file_list, run_config)
+    _started(logger, label)
+    t = time.perf_counter()
+    _, curve = fit_recording(trainer, train_data, valid_data, saved=saved, show_progress=config["show_progress"])
+    train_time = time.perf_counter() - t
+    timings = {}
+    groups = warm_cold_metrics(trainer, train_data, test_data, load_best_model=saved, timings=timings)
+    for group, (metrics, n) in groups.items():
+        logger.info(f"{name} {group} targets ({n}): {metrics}")
+    run = {"seed": config["seed"], "groups": {group: {"metrics": metrics, "n": n} for group, (metrics, n) in groups.items()},
+           "train_time_s": train_time, "valid_curve": curve, "valid_metric": config["valid_metric"],
+           "test_time_s": timings["test_time_s"], "n_test_users": n_users(test_data)}
+    _done(logger, label, start, f" (train {train_time:.1f} s)")
+    if config["single_spec"] or config["local_rank"] == 0:
+        run["record"] = write_record(record_path(config, "warm_cold"), config, run)
+    return run
+
+
+def _write_outputs(rows, runs, group_key, config_dict, output_dir, report_dir, stem, title, label, missing=()):
     """A protocol's per-group table (mean ± std over seeds) and, with ``report_dir``, its report."""
     output_dir = output_dir or report_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
     table, summaries = write_seed_table(rows, ("model", group_key), output_dir, stem, title)
     if report_dir:
-        build_report(report_dir, title, table, stem, summaries, runs, group_key=group_key, label=label)
+        build_report(report_dir, title, table, stem, summaries, runs, group_key=group_key, label=label,
+                     missing=missing)
 
 
 # ----- unseen users ----------------------------------------------------------------------------

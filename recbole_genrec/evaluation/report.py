@@ -366,10 +366,11 @@ def machine() -> dict:
 
 
 def write_report(report_dir: str, title: str, table: str, table_stem: str, images: list[tuple[str, str]],
-                 seeds: list, runs: list[dict] | None = None) -> str:
+                 seeds: list, runs: list[dict] | None = None, missing=()) -> str:
     """``report.md``: the table, the images (``(heading, path)``, embedded by relative path), the
     exact command, git commit, package versions and machine, and each run's own command, commit
-    and date (a run reused from its record was trained by another command)."""
+    and date (a run reused from its record was trained by another command). ``missing``: runs asked
+    for that have no record at this code state (``--records_only``), listed under the table."""
     lines = [f"# {title}", "",
              f"- command: `{shlex.join([os.path.basename(sys.executable), *sys.argv])}`",
              f"- git commit: `{git_commit()}`",
@@ -380,6 +381,9 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
              "", "## Results", "",
              f"Mean ± std over seeds (sample std); per-seed rows in [{table_stem}.csv]({table_stem}.csv).", "",
              table]
+    if missing:
+        lines += ["", "Not in the table (no run record at this commit's config, data and code yet): "
+                  + ", ".join(missing) + ".", ""]
     for heading, path in images:
         rel = os.path.relpath(path, report_dir).replace(os.sep, "/")
         lines += [f"## {heading}", "", f"![{heading}]({rel})", ""]
@@ -402,11 +406,12 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
 
 
 def build_report(report_dir: str, title: str, table: str, table_stem: str, summaries: list[dict],
-                 runs: list[dict], group_key: str | None = None, label: str | None = None) -> str:
+                 runs: list[dict], group_key: str | None = None, label: str | None = None, missing=()) -> str:
     """Every plot of a run plus ``report.md``. ``summaries`` from :func:`write_seed_table`, ``runs``
     one dict per (model, seed) with ``model``, ``seed``, ``valid_curve``, ``valid_metric``,
     ``test_time_s`` and ``n_test_users``; ``group_key`` (``targets`` / ``users``) draws the group
-    panels instead of the plain test-metric bars; ``label`` starts the plot titles."""
+    panels instead of the plain test-metric bars; ``label`` starts the plot titles; ``missing``
+    (see :func:`write_report`)."""
     os.makedirs(report_dir, exist_ok=True)
     out = lambda name: os.path.join(report_dir, f"{table_stem}-{name}.png")  # noqa: E731
     label = label or table_stem
@@ -422,7 +427,7 @@ def build_report(report_dir: str, title: str, table: str, table_stem: str, summa
     images.append(("Inference time per user", plot_inference_time(
         runs, out("inference_time"), f"{label}: inference time per test user")))
     seeds = list(dict.fromkeys(r.get("seed") for r in runs))
-    return write_report(report_dir, title, table, table_stem, images, seeds, runs)
+    return write_report(report_dir, title, table, table_stem, images, seeds, runs, missing)
 
 
 # ----- the README's Results section ------------------------------------------------------------

@@ -74,7 +74,7 @@ RUN_ONLY_KEYS = frozenset({
     "port", "offset", "group_offset", "save_dataset", "dataset_save_path", "save_dataloaders",
     "dataloaders_save_path",
     # options of our command line that RecBole's Config also reads from argv
-    "compare", "protocol", "seeds", "report", "reuse_runs", "recommend", "users", "histories", "k", "hyper",
+    "compare", "protocol", "seeds", "report", "reuse_runs", "records_only", "recommend", "users", "histories", "k", "hyper",
     "params_file", "algo", "max_evals", "output_file", "config_files",
 })
 

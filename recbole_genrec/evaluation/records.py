@@ -1,0 +1,102 @@
+"""Run records: one JSON file per finished run (its result, command, commit and date), so long runs
+can be trained one model at a time, in separate processes or sessions, and tabulated together.
+
+A record is named by the run fingerprint (:func:`recbole_genrec.trainer.staged.run_fingerprint`:
+config less run-only keys, data files and settings, and the code the model runs), so a later
+``--reuse_runs`` picks it up only for the same config, data and code. Writing records changes
+nothing a run computes, so this module is outside the run fingerprint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+RECORD_FORMAT = "recbole_genrec-run-1"
+PROTOCOLS = ("leave_one_out", "warm_cold", "unseen_users")
+
+
+def record_path(config, protocol: str = "leave_one_out") -> str:
+    """``<checkpoint_dir>/runs/<model>-<dataset>[-<protocol>]-seed<seed>-<run fingerprint>.json``
+    (the protocol is named unless it is the plain train/test run of ``compare``)."""
+    from recbole_genrec.trainer.staged import run_fingerprint
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: one of {PROTOCOLS}, got {protocol!r}")
+    tag = "" if protocol == "leave_one_out" else f"-{protocol}"
+    return os.path.join(config["checkpoint_dir"], "runs",
+                        f"{config['model']}-{config['dataset']}{tag}-seed{config['seed']}-{run_fingerprint(config)}.json")
+
+
+def write_record(path: str, config, result: dict) -> dict:
+    """Write the run's result with its command, commit, date and seed (atomically); return the
+    ``record`` entry :func:`read_record` gives back (command, commit, date, path)."""
+    import datetime
+    import json
+    import shlex
+    import sys
+
+    from recbole_genrec.atomic import atomic_write_text
+    from recbole_genrec.evaluation.report import git_commit
+
+    record = {
+        "format": RECORD_FORMAT, "model": config["model"], "dataset": config["dataset"], "seed": config["seed"],
+        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "commit": git_commit(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "result": {k: (dict(v) if isinstance(v, dict) else v) for k, v in result.items() if k != "record"},
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1, default=float))
+    return {k: record[k] for k in ("command", "commit", "date")} | {"path": path}
+
+
+def read_record(path: str) -> dict | None:
+    """The result of a record file (with its ``record``: command, commit, date, path), or ``None``
+    when there is none or it is unreadable (then the run is trained again)."""
+    import json
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if record.get("format") != RECORD_FORMAT:
+            return None
+        result = record["result"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for key in ("best_valid_result", "test_result"):
+        if isinstance(result.get(key), dict):
+            result[key] = OrderedDict(result[key])
+    result["valid_curve"] = [tuple(point) for point in result.get("valid_curve", [])]
+    result["record"] = {k: record.get(k) for k in ("command", "commit", "date")} | {"path": path}
+    return result
+
+
+def find_record(model, dataset, config_file_list, config_dict, protocol: str = "leave_one_out"):
+    """``(path, result or None)`` of the record a run with this config would write now."""
+    from recbole_genrec.config import Config
+
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=dict(config_dict))
+    path = record_path(config, protocol)
+    return config, path, read_record(path)
+
+
+def log_reused(config, label: str, path: str, result: dict) -> None:
+    """One log line naming the record a run was taken from (RecBole's logger)."""
+    from logging import getLogger
+
+    from recbole.utils import init_logger, set_color
+
+    init_logger(config)
+    record = result["record"]
+    getLogger().info(set_color(label, "green") + f" ... reused {path} (command `{record['command']}`, "
+                     f"commit {record['commit']}, {record['date']})")
+
+
+def require_some(rows: list, missing: list, config_dict: dict) -> None:
+    """``--records_only`` with no record at all is an error that says where records were looked for."""
+    if not rows:
+        folder = os.path.join(config_dict.get("checkpoint_dir", "saved"), "runs")
+        raise ValueError(f"records_only: no run record in {folder!r} for {', '.join(missing)} at this config, "
+                         "data and code; train them first (the same command without --records_only)")
