@@ -290,3 +290,23 @@ def test_run_code_fingerprint_covers_exactly_the_code_each_model_runs(monkeypatc
     assert edited("quantize/rq_vae.py") == {"TIGER", "LETTER", "SETRec", "TokenRec", "TTDS"}
     assert edited("evaluation/protocols.py") == set(models)
     assert edited("evaluation/report.py") == set()
+
+
+def test_versus_baseline_says_who_trails_sasrec_and_by_how_many_standard_errors():
+    rows = [{"model": "SASRec", "seed": 1, "recall@10": 0.10, "ndcg@10": 0.05, "train_time_s": 9.0},
+            {"model": "TIGER", "seed": 1, "recall@10": 0.08, "ndcg@10": 0.04, "train_time_s": 1.0},
+            {"model": "TwoLevelLLMRec", "seed": 1, "recall@10": 0.12, "ndcg@10": 0.06, "train_time_s": 1.0},
+            {"model": "LETTER", "seed": 1, "recall@10": 0.11, "ndcg@10": 0.045, "train_time_s": 1.0}]
+    runs = [{"model": r["model"], "n_test_users": 1000} for r in rows]
+    lines = report.versus_baseline(report.summarize(rows), runs)
+    assert lines == [
+        "- **TIGER** trails SASRec: recall@10 0.0800 vs 0.1000 (-0.0200, -1.6 SE); ndcg@10 0.0400 vs 0.0500 (-0.0100).",
+        "- **TwoLevelLLMRec** beats SASRec: recall@10 0.1200 vs 0.1000 (+0.0200, +1.4 SE); ndcg@10 0.0600 vs 0.0500 (+0.0100).",
+        "- **LETTER** is mixed against SASRec: recall@10 0.1100 vs 0.1000 (+0.0100, +0.7 SE); ndcg@10 0.0450 vs 0.0500 (-0.0050).",
+    ]
+    assert report.versus_baseline(report.summarize(rows[1:]), runs) == []  # no baseline, no sentences
+    grouped = [{**r, "targets": t, "n": 500} for r in rows[:2] for t in ("warm", "cold")]
+    lines = report.versus_baseline(report.summarize(grouped, ("model", "targets")), runs, "targets")
+    assert [line.split(":")[0] for line in lines] == ["- **TIGER** trails SASRec on warm targets",
+                                                    "- **TIGER** trails SASRec on cold targets"]
+    assert "-1.1 SE" in lines[0]  # n = 500 targets of the group, not the run's 1000 users

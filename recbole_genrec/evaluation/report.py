@@ -157,6 +157,39 @@ def _save(fig, path: str) -> str:
     return path
 
 
+def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | None = None,
+                    baseline: str = "SASRec") -> list[str]:
+    """One plain sentence per model (and group) saying whether it beats or trails ``baseline`` on
+    each test metric, with the difference. For recall / hit (a share of test users) the difference
+    is also given in standard errors: the unpaired ``sqrt(p1 (1-p1) / n + p2 (1-p2) / n)`` over
+    ``n`` test users (conservative: both models rank the same users). Empty without the baseline."""
+    users = {run.get("model"): run.get("n_test_users") for run in runs}
+    base = {s.get(group_key): s for s in summaries if s["model"] == baseline}
+    lines = []
+    for summary in summaries:
+        ref = base.get(summary.get(group_key))
+        if ref is None or summary["model"] == baseline:
+            continue
+        n = summary["rows"][0].get("n") or users.get(summary["model"])
+        parts, wins = [], 0
+        for column in metric_columns(summary):
+            if column not in ref["mean"]:
+                continue
+            p, q = summary["mean"][column], ref["mean"][column]
+            wins += p > q
+            part = f"{column} {p:.4f} vs {q:.4f} ({p - q:+.4f}"
+            if n and column.split("@")[0] in ("recall", "hit") and 0 < p < 1 and 0 < q < 1:
+                se = math.sqrt(p * (1 - p) / n + q * (1 - q) / n)
+                part += f", {(p - q) / se:+.1f} SE"
+            parts.append(part + ")")
+        if not parts:
+            continue
+        verdict = ("beats" if wins == len(parts) else "trails" if wins == 0 else "is mixed against")
+        where = f" on {summary[group_key]} {group_key}" if group_key else ""
+        lines.append(f"- **{summary['model']}** {verdict} {baseline}{where}: " + "; ".join(parts) + ".")
+    return lines
+
+
 def _colors(n: int) -> list:
     from matplotlib import colormaps
 
@@ -366,7 +399,7 @@ def machine() -> dict:
 
 
 def write_report(report_dir: str, title: str, table: str, table_stem: str, images: list[tuple[str, str]],
-                 seeds: list, runs: list[dict] | None = None, missing=()) -> str:
+                 seeds: list, runs: list[dict] | None = None, missing=(), versus: list[str] = ()) -> str:
     """``report.md``: the table, the images (``(heading, path)``, embedded by relative path), the
     exact command, git commit, package versions and machine, and each run's own command, commit
     and date (a run reused from its record was trained by another command). ``missing``: runs asked
@@ -381,6 +414,8 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
              "", "## Results", "",
              f"Mean ± std over seeds (sample std); per-seed rows in [{table_stem}.csv]({table_stem}.csv).", "",
              table]
+    if versus:
+        lines += ["", "### Against SASRec", "", *versus, ""]
     if missing:
         lines += ["", "Not in the table (no run record at this commit's config, data and code yet): "
                   + ", ".join(missing) + ".", ""]
@@ -427,7 +462,8 @@ def build_report(report_dir: str, title: str, table: str, table_stem: str, summa
     images.append(("Inference time per user", plot_inference_time(
         runs, out("inference_time"), f"{label}: inference time per test user")))
     seeds = list(dict.fromkeys(r.get("seed") for r in runs))
-    return write_report(report_dir, title, table, table_stem, images, seeds, runs, missing)
+    versus = versus_baseline(summaries, runs, group_key)
+    return write_report(report_dir, title, table, table_stem, images, seeds, runs, missing, versus)
 
 
 # ----- the README's Results section ------------------------------------------------------------
