@@ -9,7 +9,7 @@ import torch
 import recbole_genrec  # noqa: F401
 from conftest import RENAMED_YAML, TINY_YAML
 from recbole_genrec.decoding import PrefixTrie, constrained_beam_search
-from recbole_genrec.quantize.codes import build_code_table, dedup_suffix
+from recbole_genrec.quantize.codes import build_code_table, catalogue_codebook_size, dedup_suffix
 from recbole_genrec.quantize.rq_vae import RQVAE, codebook_stats, collision_rate, train_rq_vae
 from recbole_genrec.quick_start import load_data_and_model, run_recbole_genrec
 
@@ -147,6 +147,28 @@ def test_tiger_trains_and_beats_popularity_floor(tiger_run):
     result, _ = tiger_run
     # 48 items: a random top-10 hits ~21%; the synthetic sequences are predictable
     assert result["test_result"]["hit@10"] > 0.3
+
+
+def test_codebook_size_auto_follows_the_catalogue(monkeypatch):
+    """``codebook_size: auto`` (TIGER's and LETTER's default) keeps TIGER's ~48 items per
+    first-level code; the model sizes its RQ-VAE and code-token block from it."""
+    from recbole.data import data_preparation
+
+    from recbole_genrec.config import Config
+    from recbole_genrec.model.tiger import TIGER
+    from recbole_genrec.quantize import codes
+    from recbole_genrec.utils import create_dataset
+
+    assert [catalogue_codebook_size("auto", n) for n in (48, 1034, 1682, 12101, 10**6)] == [16, 22, 35, 252, 256]
+    assert catalogue_codebook_size(64, 1682) == 64
+    for bad in ("big", 1, 2.5, True):
+        with pytest.raises(ValueError, match="codebook_size"):
+            catalogue_codebook_size(bad, 100)
+    config = Config("TIGER", "genrec-tiny", [TINY_YAML], {"codebook_size": "auto"})
+    train_data, *_ = data_preparation(config, create_dataset(config))
+    monkeypatch.setattr(codes, "ITEMS_PER_FIRST_CODE", 2)  # 48 items / 2 = 24 codes (above the floor of 16)
+    model = TIGER(config, train_data._dataset)
+    assert model.codebook_size == 24 and model.rq_vae.codebooks.shape[1] == 24
 
 
 def test_tiger_reload_reproduces_predictions_and_beams_are_real_items(tiger_run):

@@ -41,7 +41,8 @@ class LETTER(TIGER):
         else:
             cf = train_cf_model(
                 self.config, train_data, valid_data, "SASRec",
-                overrides={"hidden_size": e_dim, "inner_size": 4 * e_dim, "loss_type": "CE"},
+                overrides={"hidden_size": e_dim, "inner_size": 4 * e_dim, "loss_type": "CE",
+                           "learner": "adam", "weight_decay": 0.0},  # RecBole's SASRec recipe, not LETTER's AdamW
                 epochs=stage_config["epochs"], learning_rate=stage_config["learning_rate"],
                 show_progress=show_progress,
             )

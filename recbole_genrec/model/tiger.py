@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from recbole_genrec.decoding import PrefixTrie, constrained_beam_search, full_scores, seq2seq_stepper
 from recbole_genrec.llm.backbone import add_new_tokens, apply_lora, backbone_from_config
 from recbole_genrec.model.base import GenerativeRecommender
-from recbole_genrec.quantize.codes import build_code_table, code_tokens
+from recbole_genrec.quantize.codes import build_code_table, catalogue_codebook_size, code_tokens
 from recbole_genrec.quantize.rq_vae import RQVAE, codebook_stats, train_rq_vae
 from recbole_genrec.trainer import StagedTrainer
 
@@ -42,7 +42,7 @@ class TIGER(GenerativeRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.levels = config["rq_levels"]
-        self.codebook_size = config["codebook_size"]
+        self.codebook_size = catalogue_codebook_size(config["codebook_size"], self.n_items - 1)
         self.depth = self.levels + 1  # + the dedup suffix level
         self.history = self.max_seq_length
         self.beam_size = config["beam_size"]
