@@ -26,7 +26,8 @@ def test_every_sub_codebook_is_used_and_loss_falls():
     torch.manual_seed(0)
     x = clustered()
     model = MQTokenizer(16, n_books=3, book_size=16, code_dim=8, hidden=(32,))
-    history = train_mq_tokenizer(model, x, epochs=40, lr=3e-3, batch_size=64, log_every=1000)
+    history = train_mq_tokenizer(model, x, epochs=40, lr=3e-3, batch_size=64, log_every=1000,
+                                 reseed_every=10)  # a short run: re-seed dead codes more often than the default
     assert history[-1] < history[0]
     codes = model.tokenize(x)
     stats = mq_stats(codes, 16)
@@ -45,3 +46,29 @@ def test_straight_through_gradients_reach_every_encoder():
     for enc in model.encoders:
         assert enc[0].weight.grad is not None and enc[0].weight.grad.abs().sum() > 0
     assert model.codebooks.grad is None or model.codebooks.grad.abs().sum() == 0
+
+
+def test_codewords_are_reseeded_on_the_official_cadence_and_training_stays_bounded():
+    """Tightly clustered inputs with few points per code (like ml-100k's LightGCN user vectors):
+    re-seeding dead codewords after every epoch made the encodings and the loss blow up; every
+    ``reseed_every`` epochs (default 50) training converges."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(64, generator=g)
+    x = 3 * u / u.norm() + 0.5 * torch.randn(300, 64, generator=g) / 8  # mean mutual cosine ~0.97
+
+    def train(**kwargs):
+        torch.manual_seed(0)
+        model = MQTokenizer(64, n_books=3, book_size=64, code_dim=64, hidden=(128,))
+        calls = []
+        real = model.reseed_dead_codes
+        model.reseed_dead_codes = lambda *a, **k: calls.append(1) or real(*a, **k)
+        history = train_mq_tokenizer(model, x, epochs=100, lr=1e-3, batch_size=256, log_every=1000, **kwargs)
+        return history, calls, float(model.encode(x).norm(dim=-1).mean())
+
+    history, calls, norm = train()
+    assert len(calls) == 1  # after epoch 50 (100 is the last: never after it)
+    assert history[-1] < 0.5 * history[0] and history[-1] <= 1.05 * min(history) and norm < 10
+    history, calls, norm = train(reseed_every=1)
+    assert len(calls) == 99 and history[-1] > 100 * min(history)  # the old cadence diverges
+    with pytest.raises(ValueError, match="mq_reseed_every"):
+        train_mq_tokenizer(MQTokenizer(64), x, epochs=1, reseed_every=0)

@@ -144,7 +144,8 @@ class TokenRec(GenerativeRecommender):
         x_items, x_users = self.item_emb[1:], self.user_emb[seen]
         seed = self.config["seed"]
         common = dict(epochs=stage_config["epochs"], lr=stage_config["learning_rate"],
-                      batch_size=stage_config["batch_size"], seed=seed, show_progress=show_progress)
+                      batch_size=stage_config["batch_size"], seed=seed, show_progress=show_progress,
+                      reseed_every=self.config["mq_reseed_every"])
         item_hist = train_mq_tokenizer(self.item_tokenizer, x_items, name="item MQ-Tokenizer", **common)
         user_hist = train_mq_tokenizer(self.user_tokenizer, x_users, name="user MQ-Tokenizer", **common)
         self.assign_codes()
@@ -259,7 +260,7 @@ class TokenRec(GenerativeRecommender):
     def stage_signature(self, stage):
         keys = ["cf_model_path", "cf_hidden_size", "unseen_user_ratio", "n_users"]
         if stage == "tokenizer":
-            keys += ["mq_n_books", "mq_book_size", "mq_code_dim", "mq_hidden", "mask_ratio", "mq_beta"]
+            keys += ["mq_n_books", "mq_book_size", "mq_code_dim", "mq_hidden", "mask_ratio", "mq_beta", "mq_reseed_every"]
         return {k: self.config[k] for k in keys if k != "n_users"} | {"n_users": self.n_users, "n_items": self.n_items}
 
     # ----- prompts (Eq. 15) -------------------------------------------------------------------

@@ -9,7 +9,11 @@ One instance tokenizes items, another users, from their collaborative (LightGCN)
 - loss (Eq. 10-13): ``||q - r||^2 + sum_k ||sg[a^k] - c^k||^2 + beta * sum_k ||a^k - sg[c^k]||^2``
   with straight-through gradients from the decoder input to the encoders.
 Codebooks are initialised by k-means on the first encodings and dead codewords are re-seeded
-from random encodings after each epoch (as the official code re-seeds with k-means). An entity's
+from random encodings every ``reseed_every`` epochs (default 50, the official code's k-means
+re-initialisation cadence). Re-seeding after every epoch made the encoder chase codewords that
+jump each epoch: on tightly clustered inputs (ml-100k's LightGCN user vectors, mean mutual cosine
+0.62, ~4 users per code) the scale of the encodings grew without bound and the loss diverged
+(0.6 -> 12 in 200 epochs, codewords of norm ~300). An entity's
 identifier is its K codes; identical tuples are allowed (retrieval happens in the CF space) and
 their rate is logged.
 """
@@ -95,8 +99,11 @@ def mq_stats(codes: torch.Tensor, book_size: int) -> dict:
 
 
 def train_mq_tokenizer(model: MQTokenizer, x, epochs=100, lr=1e-3, batch_size=128, seed=2020,
-                       log_every=10, name="MQ-Tokenizer", show_progress=False) -> list[float]:
-    """AdamW training on ``x [N, d]`` with a fresh mask per epoch. Returns the loss per epoch."""
+                       log_every=10, name="MQ-Tokenizer", show_progress=False, reseed_every=50) -> list[float]:
+    """AdamW training on ``x [N, d]`` with a fresh mask per epoch; dead codewords are re-seeded
+    after every ``reseed_every``-th epoch (never after the last). Returns the loss per epoch."""
+    if not isinstance(reseed_every, int) or isinstance(reseed_every, bool) or reseed_every < 1:
+        raise ValueError(f"mq_reseed_every: a positive number of epochs, got {reseed_every!r}")
     logger = getLogger()
     generator = torch.Generator().manual_seed(seed)
     if not bool(model.initialised):
@@ -125,7 +132,7 @@ def train_mq_tokenizer(model: MQTokenizer, x, epochs=100, lr=1e-3, batch_size=12
         with torch.no_grad():
             a = model.encode(x)
             codes = model.quantize(a)[0]
-        if epoch < epochs - 1:
+        if (epoch + 1) % reseed_every == 0 and epoch < epochs - 1:
             model.reseed_dead_codes(a, codes, generator)
         if (epoch + 1) % log_every == 0 or epoch == epochs - 1:
             logger.info(f"{name} epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f}; {mq_stats(codes, model.book_size)}")
