@@ -310,3 +310,9 @@ def test_versus_baseline_says_who_trails_sasrec_and_by_how_many_standard_errors(
     assert [line.split(":")[0] for line in lines] == ["- **TIGER** trails SASRec on warm targets",
                                                     "- **TIGER** trails SASRec on cold targets"]
     assert "-1.1 SE" in lines[0]  # n = 500 targets of the group, not the run's 1000 users
+
+
+def test_report_names_the_general_models_whose_training_items_recbole_masks():
+    note = report.history_masking_note(["SASRec", "LightGCN", "TIGER", "BPR", "LightGCN"])
+    assert note.startswith("LightGCN, BPR: general models") and "--eval_mask_history=True" in note
+    assert report.history_masking_note(["SASRec", "TIGER", "NoSuchModel"]) == ""

@@ -190,6 +190,30 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
     return lines
 
 
+def history_masking_note(models) -> str:
+    """A sentence naming the general models (LightGCN, BPR, ...) of a table: RecBole's full-ranking
+    evaluator masks a user's training items for them but not for sequential models (ours and
+    SASRec), so on data without repeats their rows are scored on an easier task. ``''`` if none."""
+    from recbole.utils import ModelType
+
+    from recbole_genrec.utils import get_model
+
+    general = []
+    for name in dict.fromkeys(models):
+        try:
+            if get_model(name).type == ModelType.GENERAL:
+                general.append(name)
+        except ValueError:
+            continue
+    if not general:
+        return ""
+    kind = "a general model" if len(general) == 1 else "general models"
+    return (f"{', '.join(general)}: {kind}, for which RecBole's full-ranking evaluator masks each user's "
+            "training items; it does not mask them for the sequential models, which may rank a user's past items "
+            "(never a target on data without repeats). So those rows are not on equal terms; "
+            "`--eval_mask_history=True` masks them for every model.")
+
+
 def _colors(n: int) -> list:
     from matplotlib import colormaps
 
@@ -414,6 +438,9 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
              "", "## Results", "",
              f"Mean ± std over seeds (sample std); per-seed rows in [{table_stem}.csv]({table_stem}.csv).", "",
              table]
+    masking = history_masking_note(run.get("model") for run in runs or [])
+    if masking:
+        lines += ["", masking, ""]
     if versus:
         lines += ["", "### Against SASRec", "", *versus, ""]
     if missing:
