@@ -75,10 +75,11 @@ def digest(obj) -> str:
 # Modules that run no part of a training run: tables and plots, run records, the command lines.
 NOT_RUN_CODE = ("recbole_genrec.evaluation.report", "recbole_genrec.evaluation.records", "recbole_genrec.cli",
                 "recbole_genrec.hyper", "recbole_genrec.recommend")
-# What every run executes: data preparation and the model/trainer set-up (quick_start._prepare), the
-# protocols, the trainer wrapper, config, compatibility shims and the model registry.
-RUN_ROOTS = ("recbole_genrec.quick_start", "recbole_genrec.evaluation.protocols", "recbole_genrec.trainer.staged",
-             "recbole_genrec.config", "recbole_genrec.compat", "recbole_genrec.utils")
+# What every run executes (recbole_genrec.evaluation.runs: set-up, training, the test evaluation
+# of each protocol), the trainer wrapper, config, compatibility shims and the model registry.
+# The orchestration around runs (seeds, records, tables: quick_start, protocols) is not run code.
+RUN_ROOTS = ("recbole_genrec.evaluation.runs", "recbole_genrec.trainer.staged", "recbole_genrec.config",
+             "recbole_genrec.compat", "recbole_genrec.utils")
 
 
 def _module_file(name: str) -> Path | None:

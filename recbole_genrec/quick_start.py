@@ -11,8 +11,6 @@ import torch
 from recbole.data import data_preparation
 from recbole.utils import init_logger, init_seed
 
-from recbole_genrec.config import Config
-from recbole_genrec.evaluation import install_history_mask
 from recbole_genrec.evaluation.protocols import (  # noqa: F401 - re-exported: the protocols' former home
     WARM_COLD_EVAL_ARGS,
     restricted_catalogue,
@@ -23,42 +21,13 @@ from recbole_genrec.evaluation.protocols import (  # noqa: F401 - re-exported: t
     warm_items,
 )
 from recbole_genrec.evaluation.report import _cell, write_table  # noqa: F401 - re-exported
+from recbole_genrec.evaluation.runs import prepare as _prepare  # noqa: F401 - re-exported: its former home
 from recbole_genrec.recommend import recommend  # noqa: F401 - re-exported
-from recbole_genrec.trainer.staged import ResumableTrainer, resumable, unique_checkpoint_file
-from recbole_genrec.utils import create_dataset, get_model, get_trainer
+from recbole_genrec.utils import create_dataset, get_model
 
 # Leave-one-out in time order, full ranking: RecBole's sequential protocol, used for every model
 # of a comparison unless eval_args is given.
 SHARED_EVAL_ARGS = {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"}
-
-
-def _prepare(model, dataset, config_file_list, config_dict):
-    config = Config(
-        model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict
-    )
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    logger = getLogger()
-    logger.info(sys.argv)
-    logger.info(config)
-    data = create_dataset(config)
-    logger.info(data)
-    train_data, valid_data, test_data = data_preparation(config, data)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    logger.info(model)
-    # RecBole's trainers get ours' checkpoint names (unique per process, or deterministic with
-    # ``resume``), ``.last`` checkpoints and resuming (recbole_genrec.trainer.staged)
-    trainer_class = resumable(get_trainer(config["MODEL_TYPE"], config["model"]))
-    trainer = trainer_class(config, model)
-    if not isinstance(trainer, ResumableTrainer):
-        if config["resume"] or config["resume_checkpoint"]:
-            logger.warning(f"{trainer_class.__name__} has a training loop of its own: resume is not supported")
-        if hasattr(trainer, "saved_model_file"):
-            trainer.saved_model_file = unique_checkpoint_file(config)
-    if config["eval_mask_history"]:
-        install_history_mask(trainer, train_data, valid_data, test_data)
-    return config, logger, trainer, train_data, valid_data, test_data
 
 
 def run_recbole_genrec(
@@ -133,6 +102,9 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
             seeds=None, report_dir=None, reuse_runs=False, records_only=False):
     """Run each model on the same dataset, split and seed(s); write one results table.
 
+    ``models``: names, or ``MODEL[key=value,...]`` specs for variants of a model with keys of their
+    own (``"SETRec,SETRec[llm_preset=qwen2-tiny]"``; rows are labelled by the spec).
+
     Every model gets the same ``eval_args`` (``SHARED_EVAL_ARGS`` unless the caller sets it).
     Writes ``compare-<dataset>.md`` and ``compare-<dataset>.csv`` (every test metric, training
     and evaluation time per model) under ``output_dir`` (default ``report_dir``, else
@@ -163,16 +135,16 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
         # leave-one-out: one protocol for all makes the table comparable.
         config_dict["eval_args"] = dict(SHARED_EVAL_ARGS)
     results, rows, runs, missing = {}, [], [], []
-    for label, name, run_config in each_run(models, config_dict, seeds):
+    for label, spec, name, run_config in each_run(models, config_dict, seeds):
         result = train_and_test(name, dataset, config_file_list, run_config, saved=saved, label=label,
                                 reuse_runs=reuse_runs, records_only=records_only)
         if result is None:
-            missing.append(f"{name} (seed {run_config.get('seed', 'default')})")
+            missing.append(f"{spec} (seed {run_config.get('seed', 'default')})")
             continue
-        store(results, name, seeds, result["seed"], result)
-        rows.append({"model": name, "seed": result["seed"], **result["test_result"],
+        store(results, spec, seeds, result["seed"], result)
+        rows.append({"model": spec, "seed": result["seed"], **result["test_result"],
                      "train_time_s": result["train_time_s"], "test_time_s": result["test_time_s"]})
-        runs.append({"model": name, **result})
+        runs.append({"model": spec, **result})
     require_some(rows, missing, config_dict)
     output_dir = output_dir or report_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
     title, stem = f"{dataset}: test results", f"compare-{dataset}"

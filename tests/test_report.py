@@ -10,7 +10,7 @@ import pytest
 
 import recbole_genrec  # noqa: F401
 from conftest import TINY_YAML
-from recbole_genrec.evaluation import protocols, report
+from recbole_genrec.evaluation import protocols, report, runs
 from recbole_genrec.quick_start import compare
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -184,7 +184,6 @@ def test_compare_reuses_run_records_only_for_the_same_config(tmp_path, monkeypat
     config, data and code are the same, and trains again when the config differs."""
     import json
 
-    from recbole_genrec import quick_start
 
     config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 1}
     first = compare("SASRec", "genrec-tiny", [TINY_YAML], config, saved=False, output_dir=str(tmp_path / "a"))
@@ -195,8 +194,8 @@ def test_compare_reuses_run_records_only_for_the_same_config(tmp_path, monkeypat
     assert record["result"]["test_result"] == dict(first["SASRec"]["test_result"])
 
     prepared = []
-    real_prepare = quick_start._prepare
-    monkeypatch.setattr(quick_start, "_prepare", lambda *a, **k: prepared.append(a) or real_prepare(*a, **k))
+    real_prepare = runs.prepare
+    monkeypatch.setattr(runs, "prepare", lambda *a, **k: prepared.append(a) or real_prepare(*a, **k))
     again = compare("SASRec", "genrec-tiny", [TINY_YAML], config, saved=False, output_dir=str(tmp_path / "b"),
                     reuse_runs=True, report_dir=str(tmp_path / "rep"))
     assert prepared == []  # nothing trained
@@ -216,7 +215,6 @@ def test_warm_cold_runs_leave_records_and_reuse_them(tmp_path, monkeypatch):
     """The warm/cold protocol records each run (its all/warm/cold metrics) and ``reuse_runs`` takes
     the table from the records without training; ``records_only`` tabulates what has a record,
     lists the rest in report.md, and is a clear error when nothing has one."""
-    from recbole_genrec import quick_start
 
     config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 1}
     first = protocols.run_warm_cold("SASRec", "genrec-tiny", [TINY_YAML], config, saved=False,
@@ -225,8 +223,8 @@ def test_warm_cold_runs_leave_records_and_reuse_them(tmp_path, monkeypatch):
     assert len(records) == 1
 
     prepared = []
-    real_prepare = quick_start._prepare
-    monkeypatch.setattr(quick_start, "_prepare", lambda *a, **k: prepared.append(a) or real_prepare(*a, **k))
+    real_prepare = runs.prepare
+    monkeypatch.setattr(runs, "prepare", lambda *a, **k: prepared.append(a) or real_prepare(*a, **k))
     again = protocols.run_warm_cold("SASRec", "genrec-tiny", [TINY_YAML], config, saved=False,
                                     output_dir=str(tmp_path / "b"), reuse_runs=True)
     assert prepared == [] and again == first
@@ -263,7 +261,7 @@ def test_run_code_fingerprint_covers_exactly_the_code_each_model_runs(monkeypatc
     """A run's fingerprint (resume names, run records) follows the imports of the code it runs: an
     edit of one generative model keeps every other model's runs valid (RecBole's and ours), an
     edit of TIGER reaches LETTER (which extends it), an edit of shared run code reaches all, and
-    the report and record writers reach none."""
+    the orchestration (seeds, records, tables, reports) reaches none."""
     from recbole_genrec import fingerprint
 
     ours = ("TIGER", "LETTER", "SETRec", "TokenRec", "TwoLevelLLMRec", "TTDS")
@@ -271,8 +269,9 @@ def test_run_code_fingerprint_covers_exactly_the_code_each_model_runs(monkeypatc
     files = {m: {p.relative_to(p.parents[1]).as_posix() if p.parent.name != "recbole_genrec" else p.name
                  for p in fingerprint.run_code_files(m)} for m in models}
     for m in models:
-        assert {"quick_start.py", "evaluation/protocols.py", "trainer/staged.py", "config.py"} <= files[m], m
-        assert not files[m] & {"evaluation/report.py", "evaluation/records.py", "cli.py"}, m
+        assert {"evaluation/runs.py", "trainer/staged.py", "config.py", "utils.py"} <= files[m], m
+        assert not files[m] & {"evaluation/report.py", "evaluation/records.py", "evaluation/protocols.py",
+                               "quick_start.py", "cli.py"}, m  # orchestration, tables, records
     assert not any(f.startswith(("model/", "quantize/", "decoding/")) for f in files["SASRec"])
     assert "model/tiger.py" in files["LETTER"] and "quantize/rq_vae.py" in files["LETTER"]
     assert "quantize/mq_tokenizer.py" in files["TokenRec"] and "decoding/beam_search.py" in files["TTDS"]
@@ -288,8 +287,8 @@ def test_run_code_fingerprint_covers_exactly_the_code_each_model_runs(monkeypatc
     assert edited("model/tiger.py") == {"TIGER", "LETTER"}
     assert edited("model/two_level.py") == {"TwoLevelLLMRec"}  # the registry's module, not two_level -> twolevel
     assert edited("quantize/rq_vae.py") == {"TIGER", "LETTER", "SETRec", "TokenRec", "TTDS"}
-    assert edited("evaluation/protocols.py") == set(models)
-    assert edited("evaluation/report.py") == set()
+    assert edited("evaluation/runs.py") == set(models)
+    assert edited("evaluation/protocols.py") == edited("quick_start.py") == edited("evaluation/report.py") == set()
 
 
 def test_versus_baseline_says_who_trails_sasrec_and_by_how_many_standard_errors():
@@ -316,3 +315,22 @@ def test_report_names_the_general_models_whose_training_items_recbole_masks():
     note = report.history_masking_note(["SASRec", "LightGCN", "TIGER", "BPR", "LightGCN"])
     assert note.startswith("LightGCN, BPR: general models") and "--eval_mask_history=True" in note
     assert report.history_masking_note(["SASRec", "TIGER", "NoSuchModel"]) == ""
+
+
+def test_compare_holds_variants_of_a_model_as_labelled_rows(tmp_path):
+    assert protocols.model_list("SASRec, SETRec[llm_preset=qwen2-tiny,setrec_beta_grid=[0.0,1.0]],TIGER") == [
+        "SASRec", "SETRec[llm_preset=qwen2-tiny,setrec_beta_grid=[0.0,1.0]]", "TIGER"]
+    assert protocols.parse_model_spec("SETRec[llm_preset=qwen2-tiny,setrec_beta_grid=[0.0,1.0]]") == (
+        "SETRec", {"llm_preset": "qwen2-tiny", "setrec_beta_grid": [0.0, 1.0]})
+    assert protocols.parse_model_spec("SASRec") == ("SASRec", {})
+    for bad in ("SAS Rec", "SASRec[lr]", "SASRec[=1]"):
+        with pytest.raises(ValueError, match="compare: "):
+            protocols.parse_model_spec(bad)
+    config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 1}
+    results = compare("SASRec,SASRec[learning_rate=0.01]", "genrec-tiny", [TINY_YAML], config, saved=False,
+                      output_dir=str(tmp_path / "out"))
+    assert set(results) == {"SASRec", "SASRec[learning_rate=0.01]"}
+    assert results["SASRec"]["test_result"] != results["SASRec[learning_rate=0.01]"]["test_result"]
+    rows = {row["model"]: row for row in _md_table(tmp_path / "out" / "compare-genrec-tiny.md")}
+    assert rows["SASRec[learning_rate=0.01]"]["ndcg@10"] == f"{results['SASRec[learning_rate=0.01]']['test_result']['ndcg@10']:.4f}"
+    assert len(list((tmp_path / "saved" / "runs").glob("SASRec-genrec-tiny-seed2020-*.json"))) == 2  # one record each

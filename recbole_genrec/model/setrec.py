@@ -99,7 +99,7 @@ class SETRec(GenerativeRecommender):
         text_emb = self.item_text_embeddings(config, dataset)
         self.register_buffer("item_text_emb", text_emb, persistent=False)
         self.register_buffer("cf_item_emb", torch.zeros(self.n_items, config["cf_hidden_size"]))
-        from recbole_genrec.quick_start import warm_items  # (quick_start imports the model registry)
+        from recbole_genrec.evaluation.runs import warm_items  # (runs imports the model registry)
 
         self.register_buffer("warm_item", warm_items(dataset))  # [n_items] bool, saved with the checkpoint
         self.cf_proj = nn.Linear(config["cf_hidden_size"], d)
