@@ -187,7 +187,7 @@ def test_compare_reuses_run_records_only_for_the_same_config(tmp_path, monkeypat
 
     config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 1}
     first = compare("SASRec", "genrec-tiny", [TINY_YAML], config, saved=False, output_dir=str(tmp_path / "a"))
-    records = list((tmp_path / "saved" / "runs").glob("SASRec-genrec-tiny-seed2020-*.json"))
+    records = list((tmp_path / "saved" / "runs").glob("SASRec-genrec-tiny-last_epoch-seed2020-*.json"))
     assert len(records) == 1
     record = json.loads(records[0].read_text())
     assert record["seed"] == 2020 and record["commit"] and record["command"]
@@ -219,7 +219,7 @@ def test_warm_cold_runs_leave_records_and_reuse_them(tmp_path, monkeypatch):
     config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 1}
     first = protocols.run_warm_cold("SASRec", "genrec-tiny", [TINY_YAML], config, saved=False,
                                     output_dir=str(tmp_path / "a"))
-    records = list((tmp_path / "saved" / "runs").glob("SASRec-genrec-tiny-warm_cold-seed2020-*.json"))
+    records = list((tmp_path / "saved" / "runs").glob("SASRec-genrec-tiny-warm_cold-last_epoch-seed2020-*.json"))
     assert len(records) == 1
 
     prepared = []
@@ -292,29 +292,44 @@ def test_run_code_fingerprint_covers_exactly_the_code_each_model_runs(monkeypatc
 
 
 def test_versus_baseline_says_who_trails_sasrec_and_by_how_many_standard_errors():
-    rows = [{"model": "SASRec", "seed": 1, "recall@10": 0.10, "ndcg@10": 0.05, "train_time_s": 9.0},
-            {"model": "TIGER", "seed": 1, "recall@10": 0.08, "ndcg@10": 0.04, "train_time_s": 1.0},
-            {"model": "TwoLevelLLMRec", "seed": 1, "recall@10": 0.12, "ndcg@10": 0.06, "train_time_s": 1.0},
-            {"model": "LETTER", "seed": 1, "recall@10": 0.11, "ndcg@10": 0.045, "train_time_s": 1.0}]
+    def row(model, recall, ndcg, **extra):  # leave-one-out: one target per user, recall@10 == hit@10
+        return {"model": model, "seed": 1, "recall@10": recall, "ndcg@10": ndcg, "hit@10": recall,
+                "train_time_s": 1.0, **extra}
+
+    rows = [row("SASRec", 0.10, 0.05), row("TIGER", 0.08, 0.04), row("TwoLevelLLMRec", 0.12, 0.06),
+            row("LETTER", 0.11, 0.045), row("SETRec", 0.10, 0.05)]
     runs = [{"model": r["model"], "n_test_users": 1000} for r in rows]
     lines = report.versus_baseline(report.summarize(rows), runs)
     assert lines == [
-        "- **TIGER** trails SASRec: recall@10 0.0800 vs 0.1000 (-0.0200, -1.6 SE); ndcg@10 0.0400 vs 0.0500 (-0.0100).",
-        "- **TwoLevelLLMRec** beats SASRec: recall@10 0.1200 vs 0.1000 (+0.0200, +1.4 SE); ndcg@10 0.0600 vs 0.0500 (+0.0100).",
-        "- **LETTER** is mixed against SASRec: recall@10 0.1100 vs 0.1000 (+0.0100, +0.7 SE); ndcg@10 0.0450 vs 0.0500 (-0.0050).",
+        "- **TIGER** trails SASRec: recall@10 0.0800 vs 0.1000 (-0.0200, -1.6 SE); ndcg@10 0.0400 vs 0.0500 "
+        "(-0.0100); hit@10 0.0800 vs 0.1000 (-0.0200, -1.6 SE).",
+        "- **TwoLevelLLMRec** beats SASRec: recall@10 0.1200 vs 0.1000 (+0.0200, +1.4 SE); ndcg@10 0.0600 vs 0.0500 "
+        "(+0.0100); hit@10 0.1200 vs 0.1000 (+0.0200, +1.4 SE).",
+        "- **LETTER** is mixed against SASRec: recall@10 0.1100 vs 0.1000 (+0.0100, +0.7 SE); ndcg@10 0.0450 vs "
+        "0.0500 (-0.0050); hit@10 0.1100 vs 0.1000 (+0.0100, +0.7 SE).",
+        "- **SETRec** is level with SASRec: recall@10 0.1000 vs 0.1000 (+0.0000, +0.0 SE); ndcg@10 0.0500 vs "
+        "0.0500 (+0.0000); hit@10 0.1000 vs 0.1000 (+0.0000, +0.0 SE).",
     ]
     assert report.versus_baseline(report.summarize(rows[1:]), runs) == []  # no baseline, no sentences
-    grouped = [{**r, "targets": t, "n": 500} for r in rows[:2] for t in ("warm", "cold")]
+    # several targets per user (recall != hit): no SE for recall; a smaller-is-better metric counts as such
+    rows = [row("SASRec", 0.10, 0.05, **{"averagepopularity@10": 100.0}),
+            row("TIGER", 0.09, 0.04, **{"averagepopularity@10": 80.0})]
+    rows[0]["hit@10"] = 0.2
+    line = report.versus_baseline(report.summarize(rows), runs)[0]
+    assert "recall@10 0.0900 vs 0.1000 (-0.0100)" in line and "is mixed against" in line
+    grouped = [{**r, "targets": t, "n": 500} for r in rows for t in ("warm", "cold")]
     lines = report.versus_baseline(report.summarize(grouped, ("model", "targets")), runs, "targets")
-    assert [line.split(":")[0] for line in lines] == ["- **TIGER** trails SASRec on warm targets",
-                                                    "- **TIGER** trails SASRec on cold targets"]
-    assert "-1.1 SE" in lines[0]  # n = 500 targets of the group, not the run's 1000 users
+    assert [line.split(":")[0] for line in lines] == ["- **TIGER** is mixed against SASRec on warm targets",
+                                                    "- **TIGER** is mixed against SASRec on cold targets"]
+    assert " SE" not in lines[0]  # the users of a group are not recorded: differences only
 
 
 def test_report_names_the_general_models_whose_training_items_recbole_masks():
-    note = report.history_masking_note(["SASRec", "LightGCN", "TIGER", "BPR", "LightGCN"])
-    assert note.startswith("LightGCN, BPR: general models") and "--eval_mask_history=True" in note
-    assert report.history_masking_note(["SASRec", "TIGER", "NoSuchModel"]) == ""
+    runs = [{"model": m} for m in ("SASRec", "LightGCN", "TIGER", "BPR[embedding_size=32]", "LightGCN")]
+    note = report.history_masking_note(runs)
+    assert note.startswith("LightGCN, BPR[embedding_size=32]: general models") and "--eval_mask_history=True" in note
+    assert report.history_masking_note([{"model": m} for m in ("SASRec", "TIGER", "NoSuchModel")]) == ""
+    assert report.history_masking_note([{**run, "eval_mask_history": True} for run in runs]) == ""
 
 
 def test_compare_holds_variants_of_a_model_as_labelled_rows(tmp_path):
@@ -333,4 +348,33 @@ def test_compare_holds_variants_of_a_model_as_labelled_rows(tmp_path):
     assert results["SASRec"]["test_result"] != results["SASRec[learning_rate=0.01]"]["test_result"]
     rows = {row["model"]: row for row in _md_table(tmp_path / "out" / "compare-genrec-tiny.md")}
     assert rows["SASRec[learning_rate=0.01]"]["ndcg@10"] == f"{results['SASRec[learning_rate=0.01]']['test_result']['ndcg@10']:.4f}"
-    assert len(list((tmp_path / "saved" / "runs").glob("SASRec-genrec-tiny-seed2020-*.json"))) == 2  # one record each
+    assert len(list((tmp_path / "saved" / "runs").glob("SASRec-genrec-tiny-last_epoch-seed2020-*.json"))) == 2  # one record each
+
+
+def test_a_run_record_is_named_by_the_code_and_commit_it_started_with(tmp_path, monkeypatch):
+    """A file edited while a run trains must not re-label its record: the record's fingerprint and
+    commit are taken before training. A run tested on its last epoch (saved=False) is told apart."""
+    import json
+
+    from recbole_genrec import fingerprint
+    from recbole_genrec.config import Config
+
+    config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 1}
+    before = protocols.record_path(Config("SASRec", "genrec-tiny", [TINY_YAML], dict(config)))
+    assert "-last_epoch-" not in before
+    monkeypatch.setattr(protocols, "git_commit", lambda: "commit-at-start")
+    real_once, real_digest = runs.train_and_test_once, fingerprint.file_digest
+
+    def edit_during_training(*args, **kwargs):
+        out = real_once(*args, **kwargs)
+        monkeypatch.setattr(fingerprint, "file_digest", lambda path: "edited" if path.endswith("runs.py")
+                            else real_digest(path))  # evaluation/runs.py "edited" before the record is written
+        monkeypatch.setattr(protocols, "git_commit", lambda: "commit-after-the-edit")
+        return out
+
+    monkeypatch.setattr(runs, "train_and_test_once", edit_during_training)
+    result = protocols.train_and_test("SASRec", "genrec-tiny", [TINY_YAML], config, saved=True)
+    assert result["record"]["path"] == before and os.path.isfile(before)
+    assert json.loads(open(before).read())["commit"] == "commit-at-start"
+    after = protocols.record_path(Config("SASRec", "genrec-tiny", [TINY_YAML], dict(config)))
+    assert after != before  # the edit does change the fingerprint of later runs

@@ -9,12 +9,11 @@ shows mean ± std over seeds) and ``report_dir`` (PNG plots and ``report.md`` be
 from __future__ import annotations
 
 import os
-import time
 
 from recbole_genrec.evaluation import runs
-from recbole_genrec.evaluation.records import (  # noqa: F401 - read_record: re-exported
-    find_record, log_reused, read_record, record_path, require_some, write_record)
-from recbole_genrec.evaluation.report import build_report, require_matplotlib, write_seed_table
+from recbole_genrec.evaluation.records import (  # noqa: F401 - read_record, record_path: re-exported
+    find_record, log_missing, log_reused, read_record, record_path, require_some, write_record)
+from recbole_genrec.evaluation.report import build_report, git_commit, require_matplotlib, write_seed_table
 from recbole_genrec.evaluation.runs import (  # noqa: F401 - re-exported: their former home
     done,
     fit_recording,
@@ -54,12 +53,17 @@ def parse_seeds(seeds) -> list[int] | None:
 
 
 def _split_top_level(text: str) -> list[str]:
-    """``text`` split at the commas that are not inside brackets."""
-    parts, depth, current = [], 0, ""
+    """``text`` split at the commas that are not inside brackets, braces or quotes."""
+    parts, depth, quote, current = [], 0, None, ""
     for char in text:
-        depth += char in "[("
-        depth -= char in "])"
-        if char == "," and depth == 0:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        else:
+            depth += char in "[({"
+            depth -= char in "])}"
+        if char == "," and depth == 0 and not quote:
             parts.append(current)
             current = ""
         else:
@@ -90,8 +94,21 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"compare: {spec!r}: {item!r} is not key=value")
-        overrides[key.strip()] = yaml.safe_load(value.strip())
+        try:
+            parsed = yaml.safe_load(value.strip())
+        except yaml.YAMLError as error:
+            raise ValueError(f"compare: {spec!r}: {value.strip()!r} is not a YAML value ({error})") from None
+        if isinstance(parsed, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", parsed):
+            parsed = float(parsed)  # YAML 1.1 reads 1e-3 as a string; RecBole's loader as a float
+        overrides[key.strip()] = parsed
     return match.group(1), overrides
+
+
+def _command_line_keys() -> set[str]:
+    """Config keys given as ``--key=value`` on the command line (RecBole's Config reads them last)."""
+    import sys
+
+    return {arg[2:].partition("=")[0] for arg in sys.argv[1:] if arg.startswith("--") and "=" in arg}
 
 
 def each_run(models: list[str], config_dict: dict, seeds: list[int] | None):
@@ -99,6 +116,9 @@ def each_run(models: list[str], config_dict: dict, seeds: list[int] | None):
     seed, models outermost; the spec's own keys override ``config_dict``."""
     for i, spec in enumerate(models, 1):
         name, overrides = parse_model_spec(spec)
+        clash = sorted(set(overrides) & _command_line_keys())
+        if clash:  # RecBole's Config would let the command line win over the variant's own keys
+            raise ValueError(f"compare: {spec!r} sets {clash}, which the command line also sets; give them in one place")
         for j, seed in enumerate(seeds or [None], 1):
             label = f"model {i}/{len(models)}: {spec}"
             if seeds is None:
@@ -124,16 +144,21 @@ def train_and_test(model, dataset, config_file_list=None, config_dict=None, save
     (:func:`~recbole_genrec.evaluation.records.record_path`) instead of training again;
     ``records_only``: return ``None`` when there is no such record."""
     config_dict = dict(config_dict or {})
+    label = label or f"model {model}"
+    # the record's name and commit are taken now: the code may be edited while the run trains
+    config, path, result = find_record(model, dataset, config_file_list, config_dict, saved=saved)
     if reuse_runs or records_only:
-        config, path, result = find_record(model, dataset, config_file_list, config_dict)
         if result is not None:
-            log_reused(config, label or f"model {model}", path, result)
+            log_reused(config, label, path, result)
             return result
         if records_only:
+            log_missing(label, path)
             return None
+    commit = git_commit()
     config, result = runs.train_and_test_once(model, dataset, config_file_list, config_dict, saved=saved, label=label)
+    result["eval_mask_history"] = bool(config["eval_mask_history"])
     if config["single_spec"] or config["local_rank"] == 0:
-        result["record"] = write_record(record_path(config), config, result)
+        result["record"] = write_record(path, config, result, commit)
     return result
 
 
@@ -174,16 +199,19 @@ def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, save
 
 def _warm_cold_run(name, dataset, config_file_list, run_config, saved, label, reuse_runs, records_only):
     """One model and seed of :func:`run_warm_cold`: its record, or a trained and tested run (recorded)."""
+    config, path, run = find_record(name, dataset, config_file_list, run_config, protocol="warm_cold", saved=saved)
     if reuse_runs or records_only:
-        config, path, run = find_record(name, dataset, config_file_list, run_config, protocol="warm_cold")
         if run is not None:
             log_reused(config, label, path, run)
             return run
         if records_only:
+            log_missing(label, path)
             return None
+    commit = git_commit()  # the record's name and commit are taken before training (see train_and_test)
     config, run = runs.warm_cold_once(name, dataset, config_file_list, run_config, saved=saved, label=label)
+    run["eval_mask_history"] = bool(config["eval_mask_history"])
     if config["single_spec"] or config["local_rank"] == 0:
-        run["record"] = write_record(record_path(config, "warm_cold"), config, run)
+        run["record"] = write_record(path, config, run, commit)
     return run
 
 

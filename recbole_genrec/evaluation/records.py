@@ -16,21 +16,23 @@ RECORD_FORMAT = "recbole_genrec-run-1"
 PROTOCOLS = ("leave_one_out", "warm_cold", "unseen_users")
 
 
-def record_path(config, protocol: str = "leave_one_out") -> str:
-    """``<checkpoint_dir>/runs/<model>-<dataset>[-<protocol>]-seed<seed>-<run fingerprint>.json``
-    (the protocol is named unless it is the plain train/test run of ``compare``)."""
+def record_path(config, protocol: str = "leave_one_out", saved: bool = True) -> str:
+    """``<checkpoint_dir>/runs/<model>-<dataset>[-<protocol>][-last_epoch]-seed<seed>-<run fingerprint>.json``
+    (the protocol is named unless it is the plain train/test run of ``compare``; ``-last_epoch`` marks
+    runs tested on their last epoch's model, ``saved=False``, instead of the best validation epoch's)."""
     from recbole_genrec.trainer.staged import run_fingerprint
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol: one of {PROTOCOLS}, got {protocol!r}")
-    tag = "" if protocol == "leave_one_out" else f"-{protocol}"
+    tag = ("" if protocol == "leave_one_out" else f"-{protocol}") + ("" if saved else "-last_epoch")
     return os.path.join(config["checkpoint_dir"], "runs",
                         f"{config['model']}-{config['dataset']}{tag}-seed{config['seed']}-{run_fingerprint(config)}.json")
 
 
-def write_record(path: str, config, result: dict) -> dict:
-    """Write the run's result with its command, commit, date and seed (atomically); return the
-    ``record`` entry :func:`read_record` gives back (command, commit, date, path)."""
+def write_record(path: str, config, result: dict, commit: str | None = None) -> dict:
+    """Write the run's result with its command, commit (``commit``, else the current one), date and
+    seed (atomically); return the ``record`` entry :func:`read_record` gives back (command, commit,
+    date, path). Take ``path`` and ``commit`` before training: the files may change during a run."""
     import datetime
     import json
     import shlex
@@ -41,7 +43,7 @@ def write_record(path: str, config, result: dict) -> dict:
 
     record = {
         "format": RECORD_FORMAT, "model": config["model"], "dataset": config["dataset"], "seed": config["seed"],
-        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "commit": git_commit(),
+        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "commit": commit or git_commit(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "result": {k: (dict(v) if isinstance(v, dict) else v) for k, v in result.items() if k != "record"},
     }
@@ -73,13 +75,21 @@ def read_record(path: str) -> dict | None:
     return result
 
 
-def find_record(model, dataset, config_file_list, config_dict, protocol: str = "leave_one_out"):
-    """``(path, result or None)`` of the record a run with this config would write now."""
+def find_record(model, dataset, config_file_list, config_dict, protocol: str = "leave_one_out", saved=True):
+    """``(config, path, result or None)``: the config of a run, the record it would write with the
+    code and data as they are now, and that record's result if it exists."""
     from recbole_genrec.config import Config
 
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=dict(config_dict))
-    path = record_path(config, protocol)
+    path = record_path(config, protocol, saved)
     return config, path, read_record(path)
+
+
+def log_missing(label: str, path: str) -> None:
+    """``records_only``: one warning per run that has no record (it is left out of the table)."""
+    from logging import getLogger
+
+    getLogger().warning(f"{label}: no run record {path}; left out of the table (records_only)")
 
 
 def log_reused(config, label: str, path: str, result: dict) -> None:

@@ -160,9 +160,14 @@ def _save(fig, path: str) -> str:
 def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | None = None,
                     baseline: str = "SASRec") -> list[str]:
     """One plain sentence per model (and group) saying whether it beats or trails ``baseline`` on
-    each test metric, with the difference. For recall / hit (a share of test users) the difference
-    is also given in standard errors: the unpaired ``sqrt(p1 (1-p1) / n + p2 (1-p2) / n)`` over
-    ``n`` test users (conservative: both models rank the same users). Empty without the baseline."""
+    each test metric, with the difference (RecBole's smaller-is-better metrics counted the right
+    way round). For hit@k, a share of test users, the difference is also given in standard errors:
+    the unpaired ``sqrt(p1 (1-p1) / n + p2 (1-p2) / n)`` over ``n`` test users (conservative: both
+    models rank the same users); for recall@k too where it equals hit@k (one target per user, as
+    in leave-one-out). Not for the group tables (their users per group are not recorded). Empty
+    without the baseline."""
+    from recbole.evaluator.register import smaller_metrics
+
     users = {run.get("model"): run.get("n_test_users") for run in runs}
     base = {s.get(group_key): s for s in summaries if s["model"] == baseline}
     lines = []
@@ -170,39 +175,51 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
         ref = base.get(summary.get(group_key))
         if ref is None or summary["model"] == baseline:
             continue
-        n = summary["rows"][0].get("n") or users.get(summary["model"])
-        parts, wins = [], 0
+        n = None if group_key else users.get(summary["model"])
+        parts, wins, losses = [], 0, 0
         for column in metric_columns(summary):
             if column not in ref["mean"]:
                 continue
             p, q = summary["mean"][column], ref["mean"][column]
-            wins += p > q
+            better = (p < q) if column.split("@")[0] in smaller_metrics else (p > q)
+            wins += better
+            losses += p != q and not better
             part = f"{column} {p:.4f} vs {q:.4f} ({p - q:+.4f}"
-            if n and column.split("@")[0] in ("recall", "hit") and 0 < p < 1 and 0 < q < 1:
+            metric, _, k = column.partition("@")
+            binary = metric == "hit" or (metric == "recall" and all(
+                s["mean"].get(f"hit@{k}") == s["mean"][column] for s in (summary, ref)))
+            if n and binary and 0 < p < 1 and 0 < q < 1:
                 se = math.sqrt(p * (1 - p) / n + q * (1 - q) / n)
                 part += f", {(p - q) / se:+.1f} SE"
             parts.append(part + ")")
         if not parts:
             continue
-        verdict = ("beats" if wins == len(parts) else "trails" if wins == 0 else "is mixed against")
+        verdict = ("beats" if wins == len(parts) else "trails" if losses == len(parts)
+                   else "is level with" if not wins and not losses else "is mixed against")
         where = f" on {summary[group_key]} {group_key}" if group_key else ""
         lines.append(f"- **{summary['model']}** {verdict} {baseline}{where}: " + "; ".join(parts) + ".")
     return lines
 
 
-def history_masking_note(models) -> str:
+def history_masking_note(runs) -> str:
     """A sentence naming the general models (LightGCN, BPR, ...) of a table: RecBole's full-ranking
     evaluator masks a user's training items for them but not for sequential models (ours and
-    SASRec), so on data without repeats their rows are scored on an easier task. ``''`` if none."""
+    SASRec), so on data without repeats their rows are scored on an easier task. ``''`` if there
+    is none, or if every run masked history (``eval_mask_history``). ``runs``: dicts with ``model``
+    (a name or a ``MODEL[key=value]`` spec) and, from run records, ``eval_mask_history``."""
     from recbole.utils import ModelType
 
+    from recbole_genrec.evaluation.protocols import parse_model_spec
     from recbole_genrec.utils import get_model
 
+    runs = list(runs)
+    if runs and all(run.get("eval_mask_history") for run in runs):
+        return ""
     general = []
-    for name in dict.fromkeys(models):
+    for spec in dict.fromkeys(run.get("model") for run in runs):
         try:
-            if get_model(name).type == ModelType.GENERAL:
-                general.append(name)
+            if get_model(parse_model_spec(spec)[0]).type == ModelType.GENERAL:
+                general.append(spec)
         except ValueError:
             continue
     if not general:
@@ -438,7 +455,7 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
              "", "## Results", "",
              f"Mean ± std over seeds (sample std); per-seed rows in [{table_stem}.csv]({table_stem}.csv).", "",
              table]
-    masking = history_masking_note(run.get("model") for run in runs or [])
+    masking = history_masking_note(runs or [])
     if masking:
         lines += ["", masking, ""]
     if versus:
