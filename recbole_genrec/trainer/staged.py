@@ -62,7 +62,8 @@ from recbole.utils import dict2str, early_stopping, get_local_time, init_seed, s
 
 from recbole_genrec.atomic import atomic_write, load_verified, remove_stale_temporaries
 from recbole_genrec.compat import safe_torch_load
-from recbole_genrec.fingerprint import code_fingerprint, data_fingerprint, digest, run_code_fingerprint
+from recbole_genrec.fingerprint import (
+    assets_fingerprint, code_fingerprint, data_fingerprint, digest, run_code_fingerprint)
 
 STAGE_KEYS = ("epochs", "learning_rate", "batch_size")
 LAST_SUFFIX = ".last"
@@ -86,10 +87,12 @@ def atomic_torch_save(obj, path: str, checksum: bool = True) -> None:
 
 
 def run_fingerprint(config) -> str:
-    """What a run computes: its config (less :data:`RUN_ONLY_KEYS`), its data and the code it runs
-    (:func:`recbole_genrec.fingerprint.run_code_fingerprint`)."""
+    """What a run computes: its config (less :data:`RUN_ONLY_KEYS`), its data, the code it runs and
+    the packages it runs on (:func:`recbole_genrec.fingerprint.run_code_fingerprint`) and the model
+    files it loads (:func:`recbole_genrec.fingerprint.assets_fingerprint`)."""
     settings = {key: value for key, value in config.final_config_dict.items() if key not in RUN_ONLY_KEYS}
-    return digest({"config": settings, "data": data_fingerprint(config), "code": run_code_fingerprint(config["model"])})
+    return digest({"config": settings, "data": data_fingerprint(config), "code": run_code_fingerprint(config["model"]),
+                   "assets": assets_fingerprint(config)})
 
 
 def unique_checkpoint_file(config) -> str:
