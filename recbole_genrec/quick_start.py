@@ -139,7 +139,7 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
         result = train_and_test(name, dataset, config_file_list, run_config, saved=saved, label=label,
                                 reuse_runs=reuse_runs, records_only=records_only)
         if result is None:
-            missing.append(f"{spec} (seed {run_config.get('seed', 'default')})")
+            missing.append((spec, run_config.get("seed")))
             continue
         store(results, spec, seeds, result["seed"], result)
         rows.append({"model": spec, "seed": result["seed"], **result["test_result"],

@@ -234,7 +234,8 @@ def test_warm_cold_runs_leave_records_and_reuse_them(tmp_path, monkeypatch):
                                    report_dir=str(tmp_path / "rep"), records_only=True)
     assert prepared == [] and set(only) == {"SASRec"}
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert "Not in the table" in text and "LightGCN (seed default)" in text
+    assert "Not in the table" in text and "LightGCN (default seed)" in text
+    assert protocols.format_missing([("A", 1), ("B", None), ("A", 2)]) == "A (seeds 1, 2), B (default seed)"
     assert {row["model"] for row in _md_table(tmp_path / "rep" / "warm_cold-genrec-tiny.md")} == {"SASRec"}
     with pytest.raises(ValueError, match="records_only: no run record .* LightGCN"):
         compare("LightGCN", "genrec-tiny", [TINY_YAML], config, saved=False, records_only=True)

@@ -12,7 +12,7 @@ import os
 
 from recbole_genrec.evaluation import runs
 from recbole_genrec.evaluation.records import (  # noqa: F401 - read_record, record_path: re-exported
-    find_record, log_missing, log_reused, read_record, record_path, require_some, write_record)
+    find_record, format_missing, log_missing, log_reused, read_record, record_path, require_some, write_record)
 from recbole_genrec.evaluation.report import build_report, git_commit, require_matplotlib, write_seed_table
 from recbole_genrec.evaluation.runs import (  # noqa: F401 - re-exported: their former home
     done,
@@ -184,7 +184,7 @@ def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, save
     for label, spec, name, run_config in each_run(models, config_dict, seeds):
         run = _warm_cold_run(name, dataset, config_file_list, run_config, saved, label, reuse_runs, records_only)
         if run is None:
-            missing.append(f"{spec} (seed {run_config.get('seed', 'default')})")
+            missing.append((spec, run_config.get("seed")))
             continue
         store(results, spec, seeds, run["seed"], {group: g["metrics"] for group, g in run["groups"].items()})
         for group, g in run["groups"].items():

@@ -104,9 +104,22 @@ def log_reused(config, label: str, path: str, result: dict) -> None:
                      f"commit {record['commit']}, {record['date']})")
 
 
+def format_missing(missing) -> str:
+    """``[(spec, seed or None), ...]`` as ``"SASRec (seeds 2021, 2022), TIGER (default seed)"``."""
+    seeds: dict = {}
+    for spec, seed in missing:
+        seeds.setdefault(spec, []).append(seed)
+    parts = []
+    for spec, values in seeds.items():
+        known = [str(s) for s in values if s is not None]
+        parts.append(f"{spec} (default seed)" if not known
+                     else f"{spec} (seed{'s' if len(known) > 1 else ''} {', '.join(known)})")
+    return ", ".join(parts)
+
+
 def require_some(rows: list, missing: list, config_dict: dict) -> None:
     """``--records_only`` with no record at all is an error that says where records were looked for."""
     if not rows:
         folder = os.path.join(config_dict.get("checkpoint_dir", "saved"), "runs")
-        raise ValueError(f"records_only: no run record in {folder!r} for {', '.join(missing)} at this config, "
+        raise ValueError(f"records_only: no run record in {folder!r} for {format_missing(missing)} at this config, "
                          "data and code; train them first (the same command without --records_only)")

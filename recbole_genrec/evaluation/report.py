@@ -461,8 +461,10 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
     if versus:
         lines += ["", "### Against SASRec", "", *versus, ""]
     if missing:
+        from recbole_genrec.evaluation.records import format_missing
+
         lines += ["", "Not in the table (no run record at this commit's config, data and code yet): "
-                  + ", ".join(missing) + ".", ""]
+                  + format_missing(missing) + ".", ""]
     for heading, path in images:
         rel = os.path.relpath(path, report_dir).replace(os.sep, "/")
         lines += [f"## {heading}", "", f"![{heading}]({rel})", ""]
