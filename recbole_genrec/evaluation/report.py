@@ -270,7 +270,9 @@ def plot_test_metrics(summaries: list[dict], path: str, title: str) -> str:
               for s in summaries]
     _grouped_bars(ax, metrics, series, several)
     ax.set_ylabel("test score")
-    ax.set_title(title + (f" (mean ± std over {len(summaries[0]['seeds'])} seeds)" if several else ""))
+    counts = sorted({len(s["seeds"]) for s in summaries})
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    ax.set_title(title + (f" (mean ± std over {seeds} seeds)" if several else ""))
     ax.tick_params(axis="x", labelrotation=30)
     ax.set_ylim(0, _top(series))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
