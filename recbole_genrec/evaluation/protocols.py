@@ -143,10 +143,17 @@ def train_and_test(model, dataset, config_file_list=None, config_dict=None, save
     ``reuse_runs``: return the record of an earlier run with the same config, data and code
     (:func:`~recbole_genrec.evaluation.records.record_path`) instead of training again;
     ``records_only``: return ``None`` when there is no such record."""
-    config_dict = dict(config_dict or {})
-    label = label or f"model {model}"
-    # the record's name and commit are taken now: the code may be edited while the run trains
-    config, path, result = find_record(model, dataset, config_file_list, config_dict, saved=saved)
+    return _recorded(runs.train_and_test_once, "leave_one_out", model, dataset, config_file_list,
+                     dict(config_dict or {}), saved, label or f"model {model}", reuse_runs, records_only)
+
+
+def _recorded(run_once, protocol, model, dataset, config_file_list, config_dict, saved, label, reuse_runs,
+              records_only):
+    """``run_once(model, dataset, config_file_list, config_dict, saved=, label=) -> (config, result)``
+    behind its run record: the record's result when reusing, ``None`` for a missing one with
+    ``records_only``, else the run's result, recorded. The record's name and commit are taken before
+    training: the code may be edited while the run trains."""
+    config, path, result = find_record(model, dataset, config_file_list, config_dict, protocol=protocol, saved=saved)
     if reuse_runs or records_only:
         if result is not None:
             log_reused(config, label, path, result)
@@ -155,7 +162,7 @@ def train_and_test(model, dataset, config_file_list=None, config_dict=None, save
             log_missing(label, path)
             return None
     commit = git_commit()
-    config, result = runs.train_and_test_once(model, dataset, config_file_list, config_dict, saved=saved, label=label)
+    config, result = run_once(model, dataset, config_file_list, config_dict, saved=saved, label=label)
     result["eval_mask_history"] = bool(config["eval_mask_history"])
     if config["single_spec"] or config["local_rank"] == 0:
         result["record"] = write_record(path, config, result, commit)
@@ -182,7 +189,8 @@ def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, save
                    "valid_metric": "NDCG@10", **dict(config_dict or {})}
     rows, run_list, results, missing = [], [], {}, []
     for label, spec, name, run_config in each_run(models, config_dict, seeds):
-        run = _warm_cold_run(name, dataset, config_file_list, run_config, saved, label, reuse_runs, records_only)
+        run = _recorded(runs.warm_cold_once, "warm_cold", name, dataset, config_file_list, run_config, saved, label,
+                        reuse_runs, records_only)
         if run is None:
             missing.append((spec, run_config.get("seed")))
             continue
@@ -195,24 +203,6 @@ def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, save
     _write_outputs(rows, run_list, "targets", config_dict, output_dir, report_dir, f"warm_cold-{dataset}",
                    f"{dataset}: warm/cold protocol (global time-ordered 8:1:1)", f"{dataset} warm/cold", missing)
     return results
-
-
-def _warm_cold_run(name, dataset, config_file_list, run_config, saved, label, reuse_runs, records_only):
-    """One model and seed of :func:`run_warm_cold`: its record, or a trained and tested run (recorded)."""
-    config, path, run = find_record(name, dataset, config_file_list, run_config, protocol="warm_cold", saved=saved)
-    if reuse_runs or records_only:
-        if run is not None:
-            log_reused(config, label, path, run)
-            return run
-        if records_only:
-            log_missing(label, path)
-            return None
-    commit = git_commit()  # the record's name and commit are taken before training (see train_and_test)
-    config, run = runs.warm_cold_once(name, dataset, config_file_list, run_config, saved=saved, label=label)
-    run["eval_mask_history"] = bool(config["eval_mask_history"])
-    if config["single_spec"] or config["local_rank"] == 0:
-        run["record"] = write_record(path, config, run, commit)
-    return run
 
 
 def _write_outputs(rows, run_list, group_key, config_dict, output_dir, report_dir, stem, title, label, missing=()):
