@@ -22,3 +22,26 @@ def _isolated_cwd(tmp_path, monkeypatch):
 @pytest.fixture
 def ckpt(tmp_path):
     return {"checkpoint_dir": str(tmp_path / "saved")}
+
+
+def save_word_backbone(path, preset, words, pad="<pad>", unk="<unk>", eos=None):
+    """Save a tiny ``preset`` model with a whitespace word-level tokenizer over ``words`` to
+    ``path`` (an ``llm_path``: a backbone with a text vocabulary); returns ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from recbole_genrec.llm.backbone import build_backbone
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad,
+                            **({"eos_token": eos} if eos else {})).save_pretrained(path)
+    build_backbone(preset, len(words)).model.save_pretrained(path)
+    return path
+
+
+def split_words(text):
+    """The words ``save_word_backbone``'s tokenizer sees in ``text``."""
+    from tokenizers import pre_tokenizers
+
+    return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]

@@ -6,7 +6,7 @@ from recbole.data import data_preparation
 from recbole.utils import init_seed
 
 import recbole_genrec  # noqa: F401
-from conftest import TINY_YAML
+from conftest import TINY_YAML, save_word_backbone, split_words
 from recbole_genrec.config import Config
 from recbole_genrec.model.tokenrec import TokenRec
 from recbole_genrec.quick_start import load_data_and_model, run_recbole_genrec
@@ -253,23 +253,13 @@ def test_cf_model_path_refuses_unseen_users(tmp_path):
 
 def tokenizer_backbone(tmp_path, preset="t5-tiny"):
     """``llm_path``: a tiny ``preset`` model and a word-level tokenizer knowing every template word."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from recbole_genrec.llm.backbone import build_backbone
     from recbole_genrec.model.tokenrec import TRAIN_TEMPLATES, UNSEEN_TEMPLATE, USER_TEMPLATE
 
-    split = pre_tokenizers.Whitespace()
     words = ["<pad>", "</s>", "<unk>", "user_", "item_", ","]
     for template in (*TRAIN_TEMPLATES, UNSEEN_TEMPLATE, USER_TEMPLATE):
-        words += [w for w, _ in split.pre_tokenize_str(template.format(user="user_", items="item_")) if w not in words]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = split
-    path = tmp_path / preset
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                            eos_token="</s>").save_pretrained(path)
-    build_backbone(preset, len(words)).model.save_pretrained(path)
-    return path, words, lambda text: [w for w, _ in split.pre_tokenize_str(text)]
+        words += [w for w in split_words(template.format(user="user_", items="item_")) if w not in words]
+    path = save_word_backbone(tmp_path / preset, preset, words, eos="</s>")
+    return path, words, split_words
 
 
 def test_text_templates_interleave_tokenizer_words_and_code_tokens_with_llm_path(tmp_path):

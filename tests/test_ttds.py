@@ -2,12 +2,13 @@
 
 import glob
 import os
+import re
 
 import pytest
 import torch
 
 import recbole_genrec  # noqa: F401
-from conftest import TINY_YAML
+from conftest import TINY_YAML, save_word_backbone, split_words
 from recbole_genrec.quick_start import _prepare, load_data_and_model, run_recbole_genrec
 
 SMALL = {"ttds_levels": 2, "ttds_codebook_size": 8, "ttds_suffix_size": 32, "ttds_code_dim": 16,
@@ -146,17 +147,26 @@ def test_user_task_and_user_texts_hold_only_training_interactions(tmp_path):
     m = trainer.model
     inter = train._dataset.inter_feat
     train_pairs = set(zip(inter[m.ITEM_ID].tolist(), inter[m.USER_ID].tolist()))
-    for item in range(1, m.n_items):
-        lo, hi = int(m.item_user_indptr[item]), int(m.item_user_indptr[item + 1])
-        for user in m.item_user_seq[lo:hi].tolist():
-            assert (item, user) in train_pairs
     held_out = set()
     for split in (valid, test):
         d = split._dataset.inter_feat
         held_out |= set(zip(d[m.USER_ID].tolist(), d[m.ITEM_ID].tolist()))
-    seen = set(train_pairs)  # training interactions: targets and the items of their histories
-    for row_user, seq in zip(inter[m.USER_ID].tolist(), inter[m.ITEM_SEQ].tolist()):
+    seen, when = set(train_pairs), {}  # training interactions: targets and the items of their histories
+    for row_user, seq, times, item, t in zip(inter[m.USER_ID].tolist(), inter[m.ITEM_SEQ].tolist(),
+                                            inter["timestamp_list"].tolist(), inter[m.ITEM_ID].tolist(),
+                                            inter["timestamp"].tolist()):
         seen |= {(i, row_user) for i in seq if i}
+        when.update({(i, row_user): ti for i, ti in zip(seq, times) if i} | {(item, row_user): t})
+    # the users of each item: every training interaction (a user's first item included), in time order
+    listed = []
+    for item in range(1, m.n_items):
+        lo, hi = int(m.item_user_indptr[item]), int(m.item_user_indptr[item + 1])
+        users = m.item_user_seq[lo:hi].tolist()
+        listed += [(item, user) for user in users]
+        times = [when[(item, user)] for user in users]
+        assert times == sorted(times)
+    first_items = int((inter[m.ITEM_SEQ_LEN] == 1).sum())  # one per user with a training row
+    assert set(listed) == seen and len(listed) == len(inter) + first_items  # repeats kept
     for user, item in held_out:  # a validation/test interaction is never among a user's training items
         assert item not in m.train_items[user] or (item, user) in seen
     assert all((i, u) in seen for u in range(1, len(m.train_items)) for i in m.train_items[u])
@@ -176,6 +186,45 @@ def test_user_task_and_user_texts_hold_only_training_interactions(tmp_path):
         ctx = [c for c in context.tolist() if c]
         pos = len(ctx)
         assert any(seq[j] == int(nxt) and seq[j - pos:j] == ctx for j in range(pos, len(seq)))
+
+
+@pytest.mark.parametrize("mode", ["hashed", "tokenizer", "off"])
+def test_prompts_put_the_sids_into_the_instruction(tmp_path, mode):
+    """Sec. 4.2.1 / 4.2.4: instruction words, then the Sids at their slots, in order; with
+    ``llm_path`` the backbone's tokenizer reads the words; ``ttds_instruction: False``: Sids alone."""
+    from recbole_genrec.model.ttds import INSTRUCTIONS
+
+    extra = {"ttds_instruction": mode != "off", "warmup_epochs": 1}
+    words = ["<pad>", "</s>", "<unk>"] + sorted({w for t in INSTRUCTIONS.values() for w in split_words(t)})
+    if mode == "tokenizer":
+        extra["llm_path"] = str(save_word_backbone(tmp_path / "t5", "t5-tiny", words, eos="</s>"))
+        extra["ttds_suffix_size"] = 128  # entity texts are all unknown words here: codes collide
+    _, trainer, train, *_ = build(tmp_path, **extra)
+    m = trainer.model
+    m.train_stage("warmup", train, None, stage_cfg(trainer))
+    piece = {name: getattr(m, f"instr_{name}").tolist() for name in INSTRUCTIONS}
+    if mode == "tokenizer":
+        assert all([words[t] for t in piece[n]] == split_words(INSTRUCTIONS[n]) for n in INSTRUCTIONS)
+    elif mode == "hashed":
+        assert all(len(piece[n]) == len(re.findall(r"\w+", INSTRUCTIONS[n])) for n in INSTRUCTIONS)
+        assert all(m.text_offset <= t < m.text_offset + m.text_vocab for n in INSTRUCTIONS for t in piece[n])
+    else:
+        assert not any(piece.values())
+    close = [m.eos_id if m.is_encoder_decoder else m.sep_id]
+    batch = next(iter(train))[torch.arange(8)]
+    prompt = m.next_item_prompt(batch)
+    for b in range(8):
+        n = min(int(batch[m.ITEM_SEQ_LEN][b]), m.history)
+        history = batch[m.ITEM_SEQ][b, int(batch[m.ITEM_SEQ_LEN][b]) - n:int(batch[m.ITEM_SEQ_LEN][b])]
+        expected = (piece["user_intro"] + m.user_sid[batch[m.USER_ID][b]].tolist() + piece["history_intro"]
+                    + m.item_sid[history].flatten().tolist() + close)
+        assert prompt[b][prompt[b] != m.pad_id].tolist() == expected
+    items, context, _ = m.user_task_batch(torch.arange(1, m.n_items))
+    prompt = m.user_prompt(items, context)
+    for b in range(len(items)):
+        expected = (piece["item_intro"] + m.item_sid[items[b]].tolist() + piece["users_intro"]
+                    + m.user_sid[context[b][context[b] > 0]].flatten().tolist() + piece["user_question"] + close)
+        assert prompt[b][prompt[b] != m.pad_id].tolist() == expected
 
 
 @pytest.mark.parametrize("flags, tasks, user_tower, dynamic", [

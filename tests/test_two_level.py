@@ -7,7 +7,7 @@ from recbole.data import data_preparation
 from recbole.utils import init_seed
 
 import recbole_genrec  # noqa: F401
-from conftest import TINY_YAML
+from conftest import TINY_YAML, save_word_backbone
 from recbole_genrec.config import Config
 from recbole_genrec.model.two_level import TwoLevelLLMRec
 from recbole_genrec.quick_start import load_data_and_model, run_recbole_genrec
@@ -38,17 +38,7 @@ WORDS = ["[PAD]", "[UNK]", "movie_title", "class", ":", ";", "Action", "Comedy",
 
 def qwen2_with_tokenizer(tmp_path):
     """A tiny Qwen2 saved with a WordLevel tokenizer over ``WORDS``: a backbone with a text vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from recbole_genrec.llm.backbone import build_backbone
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    path = tmp_path / "qwen2-with-tokenizer"
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
-    build_backbone("qwen2-tiny", len(WORDS)).model.save_pretrained(path)
-    return path
+    return save_word_backbone(tmp_path / "qwen2-with-tokenizer", "qwen2-tiny", WORDS, pad="[PAD]", unk="[UNK]")
 
 
 @pytest.fixture(scope="module")

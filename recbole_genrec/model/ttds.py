@@ -28,8 +28,10 @@ Generator"). No public code exists; where the paper is silent the choice is ours
 - **Tasks** (Sec. 4.2.1, 4.2.4, Eq. 8-9, 15): next item (user Sid + history Sids -> next item's
   Sid) and user prediction (an item's Sid + the Sids of the users who had it before, time order,
   TRAINING interactions only -> the next such user). The paper's comment/query generation is not
-  built (ml-100k has neither). L_All = L_LLM + alpha L_DM. Prompts are the Sid tokens alone (our
-  choice: the paper wraps them in an instruction, the presets have no words). Optimiser: the paper
+  built (ml-100k has neither). L_All = L_LLM + alpha L_DM. Prompts wrap the Sids in an instruction
+  (``INSTRUCTIONS``: one template per task in our words, after the paper's examples; the paper
+  averages its results over several; the tiny presets read the words hashed, like item texts);
+  ``ttds_instruction: False`` leaves the Sids alone. Optimiser: the paper
   uses AdamW at 5e-4 (Sec. 5.1.4); the YAML keeps RecBole's Adam at 2e-3, TIGER's recipe here.
 - **Schedule** (Sec. 5.1.4): stage ``warmup`` trains towers + ID embeddings on L_DM with the LLM
   frozen; the recommender stage trains everything. **Dynamic IDs**: every Sid is recomputed from the
@@ -69,6 +71,17 @@ from recbole_genrec.trainer import StagedTrainer
 
 PAD, EOS, SEP = 0, 1, 2
 TASKS = ("next_item", "user")
+# Instruction prompts (Sec. 4.2.1 and 4.2.4 give one example each; the wording here is ours), split
+# at the Sid slots: next item = [user_intro] user Sid [history_intro] item Sids; user prediction =
+# [item_intro] item Sid [users_intro] user Sids [user_question]. Without a user tower the user slot
+# and its intro are left out (``history_intro`` then opens the prompt).
+INSTRUCTIONS = {
+    "user_intro": "as a sequential recommender, predict the next item for user",
+    "history_intro": "given the interaction history:",
+    "item_intro": "the item",
+    "users_intro": "was chosen by these users in time order:",
+    "user_question": "which user will choose it next?",
+}
 
 
 class TTDSTrainer(StagedTrainer):
@@ -170,6 +183,11 @@ class TTDS(GenerativeRecommender):
         self.register_buffer("item_user_seq", users, persistent=False)
         self.user_history = int(config["ttds_user_history"])
         self.aux_batch = int(config["ttds_aux_batch"])
+        # instruction words around the Sids (Sec. 4.2.1, 4.2.4), token ids [n] per slot
+        self.instruction = bool(config["ttds_instruction"])
+        for name, text in INSTRUCTIONS.items():
+            self.register_buffer(f"instr_{name}", self.text_tokens(text if self.instruction else ""),
+                                 persistent=False)
 
         # ----- code tables: token ids [n, M + 1], saved with every checkpoint -----
         self.register_buffer("item_sid", torch.zeros(self.n_items, self.M + 1, dtype=torch.long))
@@ -212,14 +230,25 @@ class TTDS(GenerativeRecommender):
         return texts
 
     def item_user_sequences(self, dataset):
-        """CSR (``indptr [n_items + 1]``, ``users``) of the users of each item in time order,
-        from the training targets only."""
+        """CSR (``indptr [n_items + 1]``, ``users``) of the users of each item in time order, over
+        every TRAINING interaction: the rows' targets, plus each user's first training item (the
+        one item that is never a target: it opens the history of the user's first row)."""
         inter = dataset.inter_feat
         items, users = inter[self.ITEM_ID], inter[dataset.uid_field]
+        first = inter[self.ITEM_SEQ_LEN] == 1  # one row per user: history = [first item]
+        items = torch.cat([items, inter[self.ITEM_SEQ][first, 0]])
+        users = torch.cat([users, users[first]])
         time_field = dataset.time_field
         order = torch.arange(len(items))
         if time_field and time_field in inter:
-            order = torch.argsort(inter[time_field].double(), stable=True)
+            times = inter[time_field].double()
+            list_field = time_field + self.config["LIST_SUFFIX"]
+            # the first item's own time; without the time list, its successor's time (ties keep it first)
+            first_times = inter[list_field][first, 0].double() if list_field in inter else times[first]
+            order = torch.argsort(torch.cat([first_times, times]), stable=True)
+            n_first = int(first.sum())
+            # the first items were appended last: index them after the rows, keep "first items first" on ties
+            order = torch.where(order < n_first, order + len(times), order - n_first)
         items, users = items[order], users[order]
         by_item = torch.argsort(items, stable=True)
         counts = torch.bincount(items, minlength=self.n_items)
@@ -243,6 +272,15 @@ class TTDS(GenerativeRecommender):
             for j, w in enumerate(words):
                 out[i, j] = self.text_offset + int(hashlib.md5(w.encode()).hexdigest(), 16) % self.text_vocab
         return out
+
+    def text_tokens(self, text: str) -> torch.Tensor:
+        """Token ids ``[n]`` of one instruction piece, no special tokens (empty text: none)."""
+        if not text:
+            return torch.zeros(0, dtype=torch.long)
+        if self.tokenizer is not None:
+            return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        words = re.findall(r"\w+", text.lower())
+        return self.tokenize([text], len(words))[0]
 
     # ----- embeddings and backbone passes -----------------------------------------------------
     def id_token_table(self, kind: str) -> torch.Tensor | None:
@@ -474,19 +512,29 @@ class TTDS(GenerativeRecommender):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ----- prompts and the seq2seq loss (Eq. 8-9) ----------------------------------------------
+    def _words(self, name, batch):
+        piece = getattr(self, f"instr_{name}")
+        return piece.unsqueeze(0).expand(batch, -1)
+
     def next_item_prompt(self, interaction):
-        """Token ids ``[B, S]`` (left-padded): [user Sid] history item Sids, then </s> or SEP."""
+        """Token ids ``[B, S]`` (left-padded), Sec. 4.2.1: [instruction] user Sid [instruction]
+        history item Sids, then </s> or SEP (``ttds_instruction: False``: the Sids alone)."""
         items, valid = self.last_items(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], self.history)
+        B = items.shape[0]
         parts = []
         if self.use_user:
-            parts.append(self.user_sid[interaction[self.USER_ID]])
-        parts.append(self.item_sid[items].masked_fill(~valid.unsqueeze(-1), self.pad_id).flatten(1))
+            parts += [self._words("user_intro", B), self.user_sid[interaction[self.USER_ID]]]
+        parts += [self._words("history_intro", B),
+                  self.item_sid[items].masked_fill(~valid.unsqueeze(-1), self.pad_id).flatten(1)]
         return self._close(parts)
 
     def user_prompt(self, items, context):
-        """User prediction: the item's Sid, then the Sids of its earlier users ``context [B, H]``."""
+        """User prediction (Sec. 4.2.4): [instruction] the item's Sid [instruction] the Sids of its
+        earlier users ``context [B, H]`` [question]."""
+        B = items.shape[0]
         users = self.user_sid[context].masked_fill((context == 0).unsqueeze(-1), self.pad_id).flatten(1)
-        return self._close([self.item_sid[items], users])
+        return self._close([self._words("item_intro", B), self.item_sid[items], self._words("users_intro", B), users,
+                            self._words("user_question", B)])
 
     def _close(self, parts):
         ids = torch.cat(parts, 1)
