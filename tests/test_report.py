@@ -258,6 +258,16 @@ def test_splice_report_replaces_only_the_marked_section(tmp_path):
         report.splice_report(str(readme), str(tmp_path / "rep" / "report.md"), "other")
 
 
+def test_the_splice_command_runs_its_module_once():
+    """``python -m recbole_genrec.evaluation.report`` (the README's splice command): the package
+    must not import the report module before runpy executes it (RuntimeWarning, two copies)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "recbole_genrec.evaluation.report"],
+                          capture_output=True, text=True, timeout=120)
+    assert "RuntimeWarning" not in done.stderr and "usage: python -m recbole_genrec.evaluation.report" in done.stderr
+
+
 def test_run_code_fingerprint_covers_exactly_the_code_each_model_runs(monkeypatch):
     """A run's fingerprint (resume names, run records) follows the imports of the code it runs: an
     edit of one generative model keeps every other model's runs valid (RecBole's and ours), an
