@@ -54,19 +54,6 @@ def data_fingerprint(config) -> dict:
     return {"files": dataset_files_digest(config["data_path"], config["dataset"]), "settings": settings}
 
 
-def code_fingerprint() -> str:
-    """sha256 over this package's model-building source files and RecBole's version."""
-    import recbole
-
-    root = Path(__file__).resolve().parent
-    digest = hashlib.sha256(recbole.__version__.encode())
-    for sub in ("model", "quantize", "trainer", "data", "llm", "decoding"):
-        for path in sorted((root / sub).glob("*.py")):
-            digest.update(path.name.encode())
-            digest.update(file_digest(str(path)).encode())
-    return digest.hexdigest()
-
-
 def digest(obj) -> str:
     """Short sha256 of a JSON-serialisable description."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -78,3 +78,52 @@ def test_eval_mask_history_masks_every_earlier_item_for_every_model(model, tmp_p
     if model == "SASRec":  # off by default: RecBole's sequential scores stay RecBole's
         scores, history = _collected_scores(model, extra, tmp_path / "off")
         assert torch.isfinite(scores[history]).all()
+
+
+def test_a_cf_stage_is_signed_by_the_trainer_settings_it_trains_with(tmp_path):
+    """A CF stage early-stops on the config's patience and trains on the calling model's loader:
+    a patience or batch size of another run must not reuse it; the recommender's learning rate
+    (not used by the stage) must."""
+    from recbole_genrec.quick_start import _prepare
+
+    def cf_key(**extra):
+        _, _, trainer, *_ = _prepare("TwoLevelLLMRec", "genrec-tiny", [TINY_YAML],
+                                     {"checkpoint_dir": str(tmp_path), **extra})
+        return trainer._fingerprint("cf", [])
+
+    base = cf_key(stopping_step=5)
+    assert cf_key(stopping_step=5, learning_rate=0.0123) == base
+    assert cf_key(stopping_step=10) != base
+    assert cf_key(stopping_step=5, train_batch_size=17) != base
+
+
+def test_a_stage_is_kept_when_another_models_code_changes(tmp_path, monkeypatch):
+    """Stage files follow the code the model's run executes: an edit of TTDS keeps TIGER's
+    tokenizer stage, an edit of TIGER's or the RQ-VAE's file retrains it."""
+    from recbole_genrec import fingerprint
+    from recbole_genrec.quick_start import _prepare
+
+    _, _, trainer, *_ = _prepare("TIGER", "genrec-tiny", [TINY_YAML], {"checkpoint_dir": str(tmp_path)})
+    real, before = fingerprint.file_digest, trainer._fingerprint("tokenizer", [])
+
+    def key_after_editing(name):
+        monkeypatch.setattr(fingerprint, "file_digest",
+                            lambda path: "edited" if path.replace(os.sep, "/").endswith(name) else real(path))
+        return trainer._fingerprint("tokenizer", [])
+
+    assert key_after_editing("model/ttds.py") == before
+    assert key_after_editing("model/tiger.py") != before
+    assert key_after_editing("quantize/rq_vae.py") != before
+
+
+def test_a_distributed_run_is_another_run(tmp_path):
+    """``world_size`` / ``nproc`` change how each batch is split: they are part of the run's
+    fingerprint (resume names, run records), unlike paths and logging options."""
+    from recbole_genrec.trainer.staged import run_fingerprint
+
+    def key(**extra):
+        return run_fingerprint(Config("SASRec", "genrec-tiny", [TINY_YAML], {"checkpoint_dir": str(tmp_path), **extra}))
+
+    base = key()
+    assert key(checkpoint_dir=str(tmp_path / "elsewhere"), show_progress=True) == base
+    assert key(world_size=2, nproc=2) != base

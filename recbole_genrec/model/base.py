@@ -16,6 +16,12 @@ from recbole_genrec.compat import safe_torch_load
 from recbole_genrec.data import TextEncoder, item_text_embeddings, load_item_texts
 
 
+# config keys RecBole's Trainer reads when a stage trains one of RecBole's models (train_cf_model) on
+# the calling model's loaders: that stage's result depends on them, so it signs them
+CF_TRAINER_KEYS = ("stopping_step", "eval_step", "valid_metric", "metrics", "topk", "train_batch_size", "learner",
+                   "weight_decay", "clip_grad_norm", "train_neg_sample_args", "reproducibility")
+
+
 class GenerativeRecommender(SequentialRecommender):
     """A sequential RecBole model with named pre-training stages (see ``StagedTrainer``)."""
 
@@ -73,6 +79,11 @@ class GenerativeRecommender(SequentialRecommender):
 
     def stage_signature(self, stage) -> dict:
         return {}
+
+    def cf_stage_signature(self) -> dict:
+        """The settings a stage trained by :func:`train_cf_model` depends on beyond its own keys
+        (early stopping, validation metric, batch size, optimiser): part of its signature."""
+        return {key: self.config[key] for key in CF_TRAINER_KEYS}
 
 
 def train_cf_model(config, train_data, valid_data, model_name="SASRec", overrides=None,

@@ -75,7 +75,7 @@ class LETTER(TIGER):
 
     def stage_signature(self, stage):
         keys = ("cf_model_path", "rq_e_dim", "MAX_ITEM_LIST_LENGTH")
-        base = {"n_items": self.n_items, **{k: self.config[k] for k in keys}}
+        base = {"n_items": self.n_items, **{k: self.config[k] for k in keys}, **self.cf_stage_signature()}
         if stage == "cf":
             return base
         extra = ("cf_weight", "div_weight", "div_groups", "div_tau")

@@ -136,7 +136,7 @@ class SETRec(GenerativeRecommender):
 
     def stage_signature(self, stage):
         return {k: self.config[k] for k in ("cf_model_path", "cf_hidden_size", "MAX_ITEM_LIST_LENGTH")} | {
-            "n_items": self.n_items}
+            "n_items": self.n_items} | self.cf_stage_signature()
 
     # ----- tokens ---------------------------------------------------------------------
     def item_tokens(self, text_emb=None, cf_emb=None):

@@ -261,7 +261,8 @@ class TokenRec(GenerativeRecommender):
         keys = ["cf_model_path", "cf_hidden_size", "unseen_user_ratio", "n_users"]
         if stage == "tokenizer":
             keys += ["mq_n_books", "mq_book_size", "mq_code_dim", "mq_hidden", "mask_ratio", "mq_beta", "mq_reseed_every"]
-        return {k: self.config[k] for k in keys if k != "n_users"} | {"n_users": self.n_users, "n_items": self.n_items}
+        return {k: self.config[k] for k in keys if k != "n_users"} | {"n_users": self.n_users, "n_items": self.n_items} \
+            | self.cf_stage_signature()
 
     # ----- prompts (Eq. 15) -------------------------------------------------------------------
     def user_tokens(self, users):

@@ -215,7 +215,7 @@ class TwoLevelLLMRec(GenerativeRecommender):
 
     def stage_signature(self, stage):
         keys = ("cf_model_path", "cf_hidden_size", "n_clusters", "clustering", "cluster_source")
-        return {k: self.config[k] for k in keys} | {"n_items": self.n_items}
+        return {k: self.config[k] for k in keys} | {"n_items": self.n_items} | self.cf_stage_signature()
 
     # ----- input (Sec. 3.2, 3.4) ------------------------------------------------------------
     def item_vectors(self, items: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,8 +13,9 @@ through RecBole's logger, and is checkpointed to
 whose checkpoint exists with the same fingerprint is loaded instead of trained. The fingerprint
 covers everything that produced the stage (:mod:`recbole_genrec.fingerprint`): the content of the
 dataset's atomic files and the settings that decide the training data (split ``eval_args``,
-filters, columns, ``data_path``), the model's signature and stage config, the seed, the code of
-the package, and the fingerprints of the stages before it. The final "recommender"
+filters, columns, ``data_path``), the model's signature and stage config, the seed, the code the
+model's run executes (:func:`recbole_genrec.fingerprint.run_code_fingerprint`: an edit of another
+model's file keeps this model's stages), and the fingerprints of the stages before it. The final "recommender"
 stage is RecBole's own ``fit``/``evaluate``; every checkpoint is written to a temporary file
 and renamed. Stage files carry a sha256 trailer (:mod:`recbole_genrec.atomic`): a truncated or
 corrupted one is logged, removed and trained again.
@@ -62,16 +63,16 @@ from recbole.utils import dict2str, early_stopping, get_local_time, init_seed, s
 
 from recbole_genrec.atomic import atomic_write, load_verified, remove_stale_temporaries
 from recbole_genrec.compat import safe_torch_load
-from recbole_genrec.fingerprint import (
-    assets_fingerprint, code_fingerprint, data_fingerprint, digest, run_code_fingerprint)
+from recbole_genrec.fingerprint import assets_fingerprint, data_fingerprint, digest, run_code_fingerprint
 
 STAGE_KEYS = ("epochs", "learning_rate", "batch_size")
 LAST_SUFFIX = ".last"
 LAST_FORMAT = "recbole_genrec-last-1"
-# config keys that do not change what a run computes: left out of the run fingerprint
+# config keys that do not change what a run computes: left out of the run fingerprint (``nproc`` and
+# ``world_size`` stay in: a distributed run splits each batch over its processes)
 RUN_ONLY_KEYS = frozenset({
     "resume", "resume_checkpoint", "checkpoint_dir", "show_progress", "state", "verbose", "log_wandb",
-    "wandb_project", "gpu_id", "use_gpu", "device", "single_spec", "local_rank", "world_size", "nproc", "ip",
+    "wandb_project", "gpu_id", "use_gpu", "device", "single_spec", "local_rank", "ip",
     "port", "offset", "group_offset", "save_dataset", "dataset_save_path", "save_dataloaders",
     "dataloaders_save_path",
     # options of our command line that RecBole's Config also reads from argv
@@ -440,7 +441,8 @@ class StagedTrainer(ResumableTrainer, Trainer):
             "model": self.config["model"],
             "dataset": self.config["dataset"],
             "data": data_fingerprint(self.config),
-            "code": code_fingerprint(),
+            "code": run_code_fingerprint(self.config["model"]),
+            "assets": assets_fingerprint(self.config),
             "seed": self.config["seed"],
             "stage": stage,
             "stage_config": self.stage_config(stage),
