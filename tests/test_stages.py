@@ -80,21 +80,36 @@ def test_eval_mask_history_masks_every_earlier_item_for_every_model(model, tmp_p
         assert torch.isfinite(scores[history]).all()
 
 
-def test_a_cf_stage_is_signed_by_the_trainer_settings_it_trains_with(tmp_path):
-    """A CF stage early-stops on the config's patience and trains on the calling model's loader:
-    a patience or batch size of another run must not reuse it; the recommender's learning rate
-    (not used by the stage) must."""
+def test_a_cf_stage_is_signed_by_the_trainer_settings_it_trains_with(tmp_path, monkeypatch):
+    """SETRec's CF stage (RecBole's SASRec) early-stops on the run's patience and trains on the
+    run's loader: another patience or batch size must not reuse it (and does reach its trainer);
+    the recommender's learning rate, which the stage does not use, must."""
+    from recbole.trainer import Trainer
+
     from recbole_genrec.quick_start import _prepare
 
+    def prepared(**extra):
+        return _prepare("SETRec", "genrec-tiny", [TINY_YAML], {"checkpoint_dir": str(tmp_path), "cf_epochs": 1, **extra})
+
     def cf_key(**extra):
-        _, _, trainer, *_ = _prepare("TwoLevelLLMRec", "genrec-tiny", [TINY_YAML],
-                                     {"checkpoint_dir": str(tmp_path), **extra})
-        return trainer._fingerprint("cf", [])
+        return prepared(**extra)[2]._fingerprint("cf", [])
 
     base = cf_key(stopping_step=5)
     assert cf_key(stopping_step=5, learning_rate=0.0123) == base
     assert cf_key(stopping_step=10) != base
     assert cf_key(stopping_step=5, train_batch_size=17) != base
+    seen = []
+    real_init = Trainer.__init__
+
+    def spy(self, config, model):
+        seen.append((config["model"], config["stopping_step"], config["train_batch_size"]))
+        real_init(self, config, model)
+
+    monkeypatch.setattr(Trainer, "__init__", spy)
+    _, _, trainer, train, valid, _ = prepared(stopping_step=7, train_batch_size=17)
+    trainer.run_stages(train, valid)
+    assert ("SASRec", 7, 17) in seen
+    assert trainer.model.stage_signature("cf")["stopping_step"] == 7
 
 
 def test_a_stage_is_kept_when_another_models_code_changes(tmp_path, monkeypatch):

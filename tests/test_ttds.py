@@ -219,12 +219,17 @@ def test_prompts_put_the_sids_into_the_instruction(tmp_path, mode):
         expected = (piece["user_intro"] + m.user_sid[batch[m.USER_ID][b]].tolist() + piece["history_intro"]
                     + m.item_sid[history].flatten().tolist() + close)
         assert prompt[b][prompt[b] != m.pad_id].tolist() == expected
+        assert (prompt[b][-len(expected):] != m.pad_id).all()  # left-padded: no pad among the tokens
     items, context, _ = m.user_task_batch(torch.arange(1, m.n_items))
     prompt = m.user_prompt(items, context)
     for b in range(len(items)):
         expected = (piece["item_intro"] + m.item_sid[items[b]].tolist() + piece["users_intro"]
                     + m.user_sid[context[b][context[b] > 0]].flatten().tolist() + piece["user_question"] + close)
         assert prompt[b][prompt[b] != m.pad_id].tolist() == expected
+        assert (prompt[b][-len(expected):] != m.pad_id).all()
+    if mode == "hashed":
+        with pytest.raises(ValueError, match="ttds_text_vocab must be >= 1"):
+            build(tmp_path, ttds_text_vocab=0)
 
 
 @pytest.mark.parametrize("flags, tasks, user_tower, dynamic", [

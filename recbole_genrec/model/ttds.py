@@ -125,6 +125,10 @@ class TTDS(GenerativeRecommender):
         # ----- vocabulary: [specials][item ID tokens][user ID tokens][hashed text words] -----
         self.n_id = self.M * self.N + self.S  # per tower
         self.text_vocab = int(config["ttds_text_vocab"])
+        if self.text_vocab < 1 and not (config["llm_path"] or config["llm_preset"] == "smollm2-135m"):
+            raise ValueError(f"ttds_text_vocab must be >= 1 with llm_preset {config['llm_preset']!r} (it has no "
+                             f"tokenizer: item texts and instructions are hashed into that many tokens); got "
+                             f"{self.text_vocab}")
         n_new = 2 * self.n_id
         preset_vocab = 3 + n_new + self.text_vocab
         backbone = backbone_from_config(config, vocab_size=preset_vocab)
