@@ -285,10 +285,12 @@ def _top(series) -> float:
 
 
 def plot_valid_curves(runs: list[dict], path: str, title: str) -> str:
-    """(b) Validation score per evaluated epoch for each model (mean ± std band over seeds)."""
-    from matplotlib.ticker import MaxNLocator
+    """(b) Validation score per evaluated epoch for each model (mean ± std band over seeds). When
+    runs differ a lot in length (e.g. 20 epochs beside 250), the epoch axis is linear up to 10 and
+    logarithmic beyond, so the short curves stay readable; long curves are drawn without markers."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
-    fig = _figure(6.8, 4.2)
+    fig = _figure(7.2, 4.8)
     ax = fig.add_subplot()
     models = list(dict.fromkeys(r["model"] for r in runs))
     metric = next((r.get("valid_metric") for r in runs if r.get("valid_metric")), "valid score")
@@ -303,26 +305,37 @@ def plot_valid_curves(runs: list[dict], path: str, title: str) -> str:
         means = [statistics.fmean(v) for v in values]
         stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
         label = name + (f" ({len(curves)} seeds, mean ± std)" if len(curves) > 1 else "")
-        ax.errorbar(epochs, means, yerr=stds if len(curves) > 1 else None, marker="o", color=color, label=label,
-                    capsize=3)
+        few = len(epochs) <= 40
+        ax.errorbar(epochs, means, yerr=stds if len(curves) > 1 and few else None, marker="o" if few else None,
+                    markersize=4, color=color, label=label, capsize=3)
         if len(curves) > 1 and len(epochs) > 1:
             ax.fill_between(epochs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                             color=color, alpha=0.2, linewidth=0)
     if not drawn:
         ax.text(0.5, 0.5, "no validation epochs were recorded", ha="center", va="center", transform=ax.transAxes)
     every = sorted({e for r in runs for e, _ in (r.get("valid_curve") or [])})
-    if every:
-        ax.set_xlim(every[0] - 0.5, every[-1] + 0.5)
-    if 0 < len(every) <= 15:
-        ax.set_xticks(every)
+    lengths = [max(e for e, _ in r["valid_curve"]) for r in runs if r.get("valid_curve")]
+    if lengths and max(lengths) > 60 and min(lengths) * 4 < max(lengths):
+        ax.set_xscale("symlog", linthresh=10, linscale=1.5)
+        ticks = [t for t in (0, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= max(lengths)]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(-0.5, max(lengths) * 1.1)
+        ax.set_xlabel("epoch (linear to 10, logarithmic beyond)")
     else:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
+        if every:
+            ax.set_xlim(every[0] - 0.5, every[-1] + 0.5)
+        if 0 < len(every) <= 15:
+            ax.set_xticks(every)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
     ax.set_ylabel(f"valid {metric}")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if drawn:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.legend(loc="outside lower center", ncols=2, frameon=False)
     return _save(fig, path)
 
 
