@@ -239,7 +239,11 @@ class TTDS(GenerativeRecommender):
         one item that is never a target: it opens the history of the user's first row)."""
         inter = dataset.inter_feat
         items, users = inter[self.ITEM_ID], inter[dataset.uid_field]
-        first = inter[self.ITEM_SEQ_LEN] == 1  # one row per user: history = [first item]
+        # each user's first row (history = [first item]): RecBole's augmentation writes a user's rows
+        # together and in time order, so it is the row where the user id changes
+        first = torch.ones(len(users), dtype=torch.bool)
+        first[1:] = users[1:] != users[:-1]
+        first &= inter[self.ITEM_SEQ_LEN] == 1
         items = torch.cat([items, inter[self.ITEM_SEQ][first, 0]])
         users = torch.cat([users, users[first]])
         time_field = dataset.time_field
