@@ -3,12 +3,13 @@
 import glob
 import os
 import re
+import shutil
 
 import pytest
 import torch
 
 import recbole_genrec  # noqa: F401
-from conftest import TINY_YAML, save_word_backbone, split_words
+from conftest import ROOT, TINY_YAML, save_word_backbone, split_words
 from recbole_genrec.quick_start import _prepare, load_data_and_model, run_recbole_genrec
 
 SMALL = {"ttds_levels": 2, "ttds_codebook_size": 8, "ttds_suffix_size": 32, "ttds_code_dim": 16,
@@ -142,9 +143,25 @@ def test_decoding_uses_the_current_table_and_matches_exact_likelihoods(tmp_path,
     assert torch.allclose(scores[:, :10], exact.topk(10, dim=1).values, atol=1e-4)
 
 
+def interleaved_times_copy(tmp_path):
+    """genrec-tiny with every user's k-th interaction at about k * 10000 s: each user keeps their own
+    order, but the users' histories overlap in time, so rows (written user by user) are not in time
+    order."""
+    dst = tmp_path / "data" / "genrec-tiny"
+    shutil.copytree(ROOT / "dataset_atomic" / "genrec-tiny", dst)
+    header, *lines = (dst / "genrec-tiny.inter").read_text().splitlines()
+    rows, seen = [line.split("\t") for line in lines], {}
+    for row in rows:
+        k = seen[row[0]] = seen.get(row[0], -1) + 1
+        row[3] = str(880000000 + 10000 * k + 64 * (int(row[0]) * 37 % 101))  # exact in float32
+    (dst / "genrec-tiny.inter").write_text("\n".join([header] + ["\t".join(r) for r in rows]) + "\n")
+    return str(tmp_path / "data")
+
+
 @pytest.mark.parametrize("history", [20, 1])
 def test_user_task_and_user_texts_hold_only_training_interactions(tmp_path, history):
-    config, trainer, train, valid, test = build(tmp_path, MAX_ITEM_LIST_LENGTH=history)
+    config, trainer, train, valid, test = build(tmp_path, MAX_ITEM_LIST_LENGTH=history,
+                                                data_path=interleaved_times_copy(tmp_path))
     m = trainer.model
     inter = train._dataset.inter_feat
     train_pairs = set(zip(inter[m.ITEM_ID].tolist(), inter[m.USER_ID].tolist()))
@@ -152,19 +169,23 @@ def test_user_task_and_user_texts_hold_only_training_interactions(tmp_path, hist
     for split in (valid, test):
         d = split._dataset.inter_feat
         held_out |= set(zip(d[m.USER_ID].tolist(), d[m.ITEM_ID].tolist()))
-    seen, when = set(train_pairs), {}  # training interactions: targets and the items of their histories
+    # training interactions: targets and the items of their histories; the times of each (item, user)
+    seen, when = set(train_pairs), {}
     for row_user, seq, times, item, t in zip(inter[m.USER_ID].tolist(), inter[m.ITEM_SEQ].tolist(),
                                             inter["timestamp_list"].tolist(), inter[m.ITEM_ID].tolist(),
                                             inter["timestamp"].tolist()):
         seen |= {(i, row_user) for i in seq if i}
-        when.update({(i, row_user): ti for i, ti in zip(seq, times) if i} | {(item, row_user): t})
+        for i, ti in [*zip(seq, times), (item, t)]:
+            if i:
+                when.setdefault((i, row_user), set()).add(ti)
     # the users of each item: every training interaction (a user's first item included), in time order
     listed = []
     for item in range(1, m.n_items):
         lo, hi = int(m.item_user_indptr[item]), int(m.item_user_indptr[item + 1])
         users = m.item_user_seq[lo:hi].tolist()
         listed += [(item, user) for user in users]
-        times = [when[(item, user)] for user in users]
+        # a repeated user takes their next time
+        times = [sorted(when[(item, user)])[users[:k].count(user)] for k, user in enumerate(users)]
         assert times == sorted(times)
     first_items = len(torch.unique(inter[m.USER_ID]))  # one per user with a training row
     assert set(listed) == seen and len(listed) == len(inter) + first_items  # repeats kept

@@ -244,19 +244,18 @@ class TTDS(GenerativeRecommender):
         first = torch.ones(len(users), dtype=torch.bool)
         first[1:] = users[1:] != users[:-1]
         first &= inter[self.ITEM_SEQ_LEN] == 1
-        items = torch.cat([items, inter[self.ITEM_SEQ][first, 0]])
-        users = torch.cat([users, users[first]])
-        time_field = dataset.time_field
+        # each row contributes (its first history item, if it is the user's first row) then its target
+        keep = torch.stack([first, torch.ones_like(first)], 1).flatten()
+        items = torch.stack([inter[self.ITEM_SEQ][:, 0], items], 1).flatten()[keep]
+        users = users.repeat_interleave(2)[keep]
         order = torch.arange(len(items))
+        time_field = dataset.time_field
         if time_field and time_field in inter:
             times = inter[time_field].double()
             list_field = time_field + self.config["LIST_SUFFIX"]
-            # the first item's own time; without the time list, its successor's time (ties keep it first)
-            first_times = inter[list_field][first, 0].double() if list_field in inter else times[first]
-            order = torch.argsort(torch.cat([first_times, times]), stable=True)
-            n_first = int(first.sum())
-            # the first items were appended last: index them after the rows, keep "first items first" on ties
-            order = torch.where(order < n_first, order + len(times), order - n_first)
+            # the first item's own time; without the time list, its row's time (a tie keeps it first)
+            first_times = inter[list_field][:, 0].double() if list_field in inter else times
+            order = torch.argsort(torch.stack([first_times, times], 1).flatten()[keep], stable=True)
         items, users = items[order], users[order]
         by_item = torch.argsort(items, stable=True)
         counts = torch.bincount(items, minlength=self.n_items)
