@@ -305,3 +305,27 @@ def test_text_templates_interleave_tokenizer_words_and_code_tokens_with_llm_path
     model.item_emb.normal_()
     model.calculate_loss(batch).backward()  # the text prompt goes through the backbone
     assert model.llm.get_input_embeddings().weight.grad[user_word].abs().sum() > 0
+
+
+def test_the_cf_stage_early_stops_on_its_own_patience_and_the_runs_metric(tmp_path, monkeypatch):
+    """LightGCN (stage cf) trains until RecBole's early stopping with ``cf_stopping_step`` on the
+    run's ``valid_metric``; another patience is another stage file."""
+    from recbole.trainer import Trainer
+
+    from recbole_genrec.quick_start import _prepare
+
+    def prepared(**extra):
+        return _prepare("TokenRec", "genrec-tiny", [TINY_YAML], {"checkpoint_dir": str(tmp_path), **SMALL, **extra})
+
+    assert prepared(cf_stopping_step=3)[2]._fingerprint("cf", []) != prepared(cf_stopping_step=4)[2]._fingerprint("cf", [])
+    seen = []
+    real_init = Trainer.__init__
+
+    def spy(self, config, model):
+        seen.append((config["model"], config["stopping_step"], config["valid_metric"], config["epochs"]))
+        real_init(self, config, model)
+
+    monkeypatch.setattr(Trainer, "__init__", spy)
+    model = build(tmp_path, cf_stopping_step=3, valid_metric="Recall@10")[0]
+    model.train_stage("cf", None, None, CF_STAGE)
+    assert seen == [("LightGCN", 3, "Recall@10", 2)]

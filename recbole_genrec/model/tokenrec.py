@@ -163,7 +163,9 @@ class TokenRec(GenerativeRecommender):
             cf, _, full_train = train_general_cf_model(
                 self.config, self.id_tokens, "LightGCN", epochs=stage_config["epochs"],
                 learning_rate=stage_config["learning_rate"], batch_size=stage_config["batch_size"],
-                overrides={"embedding_size": self.cf_dim}, show_progress=show_progress, exclude_users=unseen)
+                overrides={"embedding_size": self.cf_dim, "stopping_step": self.config["cf_stopping_step"],
+                           **{k: self.config[k] for k in ("valid_metric", "metrics", "topk")}},
+                show_progress=show_progress, exclude_users=unseen)
             with torch.no_grad():
                 users, items = cf.forward()
                 if len(unseen):
@@ -258,7 +260,7 @@ class TokenRec(GenerativeRecommender):
             p.requires_grad_(False)
 
     def stage_signature(self, stage):
-        keys = ["cf_model_path", "cf_hidden_size", "unseen_user_ratio", "n_users"]
+        keys = ["cf_model_path", "cf_hidden_size", "cf_stopping_step", "unseen_user_ratio", "n_users"]
         if stage == "tokenizer":
             keys += ["mq_n_books", "mq_book_size", "mq_code_dim", "mq_hidden", "mask_ratio", "mq_beta", "mq_reseed_every"]
         return {k: self.config[k] for k in keys if k != "n_users"} | {"n_users": self.n_users, "n_items": self.n_items} \
