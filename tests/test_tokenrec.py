@@ -307,9 +307,9 @@ def test_text_templates_interleave_tokenizer_words_and_code_tokens_with_llm_path
     assert model.llm.get_input_embeddings().weight.grad[user_word].abs().sum() > 0
 
 
-def test_the_cf_stage_early_stops_on_its_own_patience_and_the_runs_metric(tmp_path, monkeypatch):
-    """LightGCN (stage cf) trains until RecBole's early stopping with ``cf_stopping_step`` on the
-    run's ``valid_metric``; another patience is another stage file."""
+def test_the_cf_stage_gets_its_own_patience_and_the_runs_metrics(tmp_path, monkeypatch):
+    """LightGCN (stage cf) is trained by RecBole's trainer with ``cf_stopping_step`` as its patience
+    and the run's ``valid_metric``, metrics and top-k; another patience is another stage file."""
     from recbole.trainer import Trainer
 
     from recbole_genrec.quick_start import _prepare
@@ -322,10 +322,10 @@ def test_the_cf_stage_early_stops_on_its_own_patience_and_the_runs_metric(tmp_pa
     real_init = Trainer.__init__
 
     def spy(self, config, model):
-        seen.append((config["model"], config["stopping_step"], config["valid_metric"], config["epochs"]))
+        seen.append((config["model"], config["stopping_step"], config["valid_metric"], config["topk"], config["epochs"]))
         real_init(self, config, model)
 
     monkeypatch.setattr(Trainer, "__init__", spy)
-    model = build(tmp_path, cf_stopping_step=3, valid_metric="Recall@10")[0]
+    model = build(tmp_path, cf_stopping_step=3, valid_metric="Recall@10", topk=[3, 10])[0]
     model.train_stage("cf", None, None, CF_STAGE)
-    assert seen == [("LightGCN", 3, "Recall@10", 2)]
+    assert seen == [("LightGCN", 3, "Recall@10", [3, 10], 2)]

@@ -144,7 +144,7 @@ def test_decoding_uses_the_current_table_and_matches_exact_likelihoods(tmp_path,
 
 
 def interleaved_times_copy(tmp_path):
-    """genrec-tiny with every user's k-th interaction at about k * 10000 s: each user keeps their own
+    """genrec-tiny with every user's k-th interaction at about k * 10240 s: each user keeps their own
     order, but the users' histories overlap in time, so rows (written user by user) are not in time
     order."""
     dst = tmp_path / "data" / "genrec-tiny"
@@ -153,7 +153,7 @@ def interleaved_times_copy(tmp_path):
     rows, seen = [line.split("\t") for line in lines], {}
     for row in rows:
         k = seen[row[0]] = seen.get(row[0], -1) + 1
-        row[3] = str(880000000 + 10000 * k + 64 * (int(row[0]) * 37 % 101))  # exact in float32
+        row[3] = str(880000000 + 10240 * k + 64 * (int(row[0]) * 37 % 101))  # multiples of 64: exact in float32
     (dst / "genrec-tiny.inter").write_text("\n".join([header] + ["\t".join(r) for r in rows]) + "\n")
     return str(tmp_path / "data")
 
@@ -176,7 +176,7 @@ def test_user_task_and_user_texts_hold_only_training_interactions(tmp_path, hist
                                             inter["timestamp"].tolist()):
         seen |= {(i, row_user) for i in seq if i}
         for i, ti in [*zip(seq, times), (item, t)]:
-            if i:
+            if i:  # (no pair repeats at one time in this copy: a set of times per pair is enough)
                 when.setdefault((i, row_user), set()).add(ti)
     # the users of each item: every training interaction (a user's first item included), in time order
     listed = []
