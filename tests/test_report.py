@@ -343,6 +343,12 @@ def test_report_names_the_general_models_whose_training_items_recbole_masks():
     assert note.startswith("LightGCN, BPR[embedding_size=32]: general models") and "--eval_mask_history=True" in note
     assert report.history_masking_note([{"model": m} for m in ("SASRec", "TIGER", "NoSuchModel")]) == ""
     assert report.history_masking_note([{**run, "eval_mask_history": True} for run in runs]) == ""
+    # a split not grouped by user (warm/cold): a general model's query is a user with all their targets
+    both = report.history_masking_note(runs, per_user_targets=True)
+    assert both.startswith(note) and "once per test user" in both
+    masked = report.history_masking_note([{**run, "eval_mask_history": True} for run in runs], per_user_targets=True)
+    assert "once per test user" in masked and "masks each user's training items" not in masked
+    assert report.history_masking_note([{"model": "SASRec"}], per_user_targets=True) == ""
 
 
 def test_compare_holds_variants_of_a_model_as_labelled_rows(tmp_path):

@@ -201,17 +201,20 @@ def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, save
         run_list.append({"model": spec, **run})
     require_some(rows, missing, config_dict)
     _write_outputs(rows, run_list, "targets", config_dict, output_dir, report_dir, f"warm_cold-{dataset}",
-                   f"{dataset}: warm/cold protocol (global time-ordered 8:1:1)", f"{dataset} warm/cold", missing)
+                   f"{dataset}: warm/cold protocol (global time-ordered 8:1:1)", f"{dataset} warm/cold", missing,
+                   per_user_targets=config_dict["eval_args"].get("group_by", "user") != "user")
     return results
 
 
-def _write_outputs(rows, run_list, group_key, config_dict, output_dir, report_dir, stem, title, label, missing=()):
-    """A protocol's per-group table (mean ± std over seeds) and, with ``report_dir``, its report."""
+def _write_outputs(rows, run_list, group_key, config_dict, output_dir, report_dir, stem, title, label, missing=(),
+                   per_user_targets=False):
+    """A protocol's per-group table (mean ± std over seeds) and, with ``report_dir``, its report
+    (``per_user_targets``: the split is not grouped by user, see ``history_masking_note``)."""
     output_dir = output_dir or report_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
     table, summaries = write_seed_table(rows, ("model", group_key), output_dir, stem, title)
     if report_dir:
         build_report(report_dir, title, table, stem, summaries, run_list, group_key=group_key, label=label,
-                     missing=missing)
+                     missing=missing, per_user_targets=per_user_targets)
 
 
 # ----- unseen users ----------------------------------------------------------------------------

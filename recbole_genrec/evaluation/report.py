@@ -201,20 +201,21 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
     return lines
 
 
-def history_masking_note(runs) -> str:
-    """A sentence naming the general models (LightGCN, BPR, ...) of a table: RecBole's full-ranking
+def history_masking_note(runs, per_user_targets: bool = False) -> str:
+    """A note naming the general models (LightGCN, BPR, ...) of a table: RecBole's full-ranking
     evaluator masks a user's training items for them but not for sequential models (ours and
-    SASRec), so on data without repeats their rows are scored on an easier task. ``''`` if there
-    is none, or if every run masked history (``eval_mask_history``). ``runs``: dicts with ``model``
-    (a name or a ``MODEL[key=value]`` spec) and, from run records, ``eval_mask_history``."""
+    SASRec), so on data without repeats their rows are scored on an easier task (unless every run
+    masked history, ``eval_mask_history``). ``per_user_targets``: the split is not grouped by user
+    (the warm/cold protocol), where RecBole also scores a general model once per user against all of
+    the user's test interactions, and a sequential model once per interaction. ``''`` if the table
+    has no general model. ``runs``: dicts with ``model`` (a name or a ``MODEL[key=value]`` spec)
+    and, from run records, ``eval_mask_history``."""
     from recbole.utils import ModelType
 
     from recbole_genrec.evaluation.protocols import parse_model_spec
     from recbole_genrec.utils import get_model
 
     runs = list(runs)
-    if runs and all(run.get("eval_mask_history") for run in runs):
-        return ""
     general = []
     for spec in dict.fromkeys(run.get("model") for run in runs):
         try:
@@ -225,10 +226,18 @@ def history_masking_note(runs) -> str:
     if not general:
         return ""
     kind = "a general model" if len(general) == 1 else "general models"
-    return (f"{', '.join(general)}: {kind}, for which RecBole's full-ranking evaluator masks each user's "
-            "training items; it does not mask them for the sequential models, which may rank a user's past items "
-            "(never a target on data without repeats). So those rows are not on equal terms; "
-            "`--eval_mask_history=True` masks them for every model.")
+    notes = [f"{', '.join(general)}: {kind}."]
+    if not all(run.get("eval_mask_history") for run in runs):
+        notes.append("RecBole's full-ranking evaluator masks each user's training items for general models; it does "
+                     "not mask them for the sequential models, which may rank a user's past items (never a target "
+                     "on data without repeats). So those rows are not on equal terms; `--eval_mask_history=True` "
+                     "masks them for every model.")
+    if per_user_targets:
+        notes.append("This split is not grouped by user, and RecBole scores a general model once per test user, "
+                     "with all of the user's test interactions as targets, but a sequential model once per test "
+                     "interaction, with one target: their recall and NDCG are on different scales (NDCG@10 far "
+                     "higher, recall@10 lower for many targets), so compare those rows only with each other.")
+    return " ".join(notes) if len(notes) > 1 else ""
 
 
 def _colors(n: int) -> list:
@@ -455,7 +464,8 @@ def machine() -> dict:
 
 
 def write_report(report_dir: str, title: str, table: str, table_stem: str, images: list[tuple[str, str]],
-                 seeds: list, runs: list[dict] | None = None, missing=(), versus: list[str] = ()) -> str:
+                 seeds: list, runs: list[dict] | None = None, missing=(), versus: list[str] = (),
+                 per_user_targets: bool = False) -> str:
     """``report.md``: the table, the images (``(heading, path)``, embedded by relative path), the
     exact command, git commit, package versions and machine, and each run's own command, commit
     and date (a run reused from its record was trained by another command). ``missing``: runs asked
@@ -470,7 +480,7 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
              "", "## Results", "",
              f"Mean ± std over seeds (sample std); per-seed rows in [{table_stem}.csv]({table_stem}.csv).", "",
              table]
-    masking = history_masking_note(runs or [])
+    masking = history_masking_note(runs or [], per_user_targets)
     if masking:
         lines += ["", masking, ""]
     if versus:
@@ -502,12 +512,13 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
 
 
 def build_report(report_dir: str, title: str, table: str, table_stem: str, summaries: list[dict],
-                 runs: list[dict], group_key: str | None = None, label: str | None = None, missing=()) -> str:
+                 runs: list[dict], group_key: str | None = None, label: str | None = None, missing=(),
+                 per_user_targets: bool = False) -> str:
     """Every plot of a run plus ``report.md``. ``summaries`` from :func:`write_seed_table`, ``runs``
     one dict per (model, seed) with ``model``, ``seed``, ``valid_curve``, ``valid_metric``,
     ``test_time_s`` and ``n_test_users``; ``group_key`` (``targets`` / ``users``) draws the group
     panels instead of the plain test-metric bars; ``label`` starts the plot titles; ``missing``
-    (see :func:`write_report`)."""
+    and ``per_user_targets`` (see :func:`write_report`, :func:`history_masking_note`)."""
     os.makedirs(report_dir, exist_ok=True)
     out = lambda name: os.path.join(report_dir, f"{table_stem}-{name}.png")  # noqa: E731
     label = label or table_stem
@@ -524,7 +535,7 @@ def build_report(report_dir: str, title: str, table: str, table_stem: str, summa
         runs, out("inference_time"), f"{label}: inference time per test user")))
     seeds = list(dict.fromkeys(r.get("seed") for r in runs))
     versus = versus_baseline(summaries, runs, group_key)
-    return write_report(report_dir, title, table, table_stem, images, seeds, runs, missing, versus)
+    return write_report(report_dir, title, table, table_stem, images, seeds, runs, missing, versus, per_user_targets)
 
 
 # ----- the README's Results section ------------------------------------------------------------
