@@ -216,6 +216,19 @@ def history_masking_note(runs, per_user_targets: bool = False) -> str:
     from recbole_genrec.utils import get_model
 
     runs = list(runs)
+    reasons = []
+    if not all(run.get("eval_mask_history") for run in runs):
+        reasons.append("RecBole's full-ranking evaluator masks each user's training items for general models; it "
+                       "does not mask them for the sequential models, which may rank a user's past items (never a "
+                       "target on data without repeats). So those rows are not on equal terms; "
+                       "`--eval_mask_history=True` masks them for every model.")
+    if per_user_targets:
+        reasons.append("This split is not grouped by user, and RecBole scores a general model once per test user, "
+                       "with all of the user's test interactions as targets, but a sequential model once per test "
+                       "interaction, with one target: their recall and NDCG are on different scales (NDCG@10 far "
+                       "higher, recall@10 lower for many targets), so compare those rows only with each other.")
+    if not reasons:
+        return ""
     general = []
     for spec in dict.fromkeys(run.get("model") for run in runs):
         try:
@@ -226,18 +239,7 @@ def history_masking_note(runs, per_user_targets: bool = False) -> str:
     if not general:
         return ""
     kind = "a general model" if len(general) == 1 else "general models"
-    notes = [f"{', '.join(general)}: {kind}."]
-    if not all(run.get("eval_mask_history") for run in runs):
-        notes.append("RecBole's full-ranking evaluator masks each user's training items for general models; it does "
-                     "not mask them for the sequential models, which may rank a user's past items (never a target "
-                     "on data without repeats). So those rows are not on equal terms; `--eval_mask_history=True` "
-                     "masks them for every model.")
-    if per_user_targets:
-        notes.append("This split is not grouped by user, and RecBole scores a general model once per test user, "
-                     "with all of the user's test interactions as targets, but a sequential model once per test "
-                     "interaction, with one target: their recall and NDCG are on different scales (NDCG@10 far "
-                     "higher, recall@10 lower for many targets), so compare those rows only with each other.")
-    return " ".join(notes) if len(notes) > 1 else ""
+    return " ".join([f"{', '.join(general)}: {kind}.", *reasons])
 
 
 def _colors(n: int) -> list:
