@@ -92,13 +92,13 @@ def test_l_id_alone_reaches_encoder_codebooks_and_llm_with_a_detached_target(tmp
 
 
 def test_dynamic_ids_change_between_epochs_and_ttss_keeps_them(tmp_path):
-    common = {"epochs": 2, "learning_rate": 0.05, "alpha": 1.0}
+    common = {"epochs": 2, "learning_rate": 0.05, "alpha": 1.0, "ttds_tower_learning_rate": 0.05}
     _, trainer, train, valid, _ = build(tmp_path / "dyn", **common)
     changes = []
     original = trainer.model.refresh_ids
 
-    def spy():
-        stats = original()
+    def spy(**kwargs):
+        stats = original(**kwargs)
         changes.append(stats)
         return stats
 
@@ -113,6 +113,61 @@ def test_dynamic_ids_change_between_epochs_and_ttss_keeps_them(tmp_path):
     assert torch.equal(trainer.model.item_sid, stage["item_sid"])
     assert torch.equal(trainer.model.user_sid, stage["user_sid"])
     assert not any(p.requires_grad for p in trainer.model.item_tower.parameters())
+
+
+def _sgd_steps(m, train, steps=4, lr=0.05):
+    """A few joint steps on L_All that move the backbone (hence the live X) a long way."""
+    opt = torch.optim.Adam(m.param_groups([p for p in m.parameters() if p.requires_grad]), lr=lr)
+    m.train()
+    for step, batch in enumerate(train):
+        opt.zero_grad()
+        m.calculate_loss(batch).backward()
+        opt.step()
+        if step + 1 == steps:
+            break
+
+
+@pytest.mark.parametrize("source", ["warmup", "live"])
+def test_x_is_the_warmups_and_a_refresh_changes_ids_only_by_the_towers_learning(tmp_path, source):
+    """``ttds_text_source: warmup``: X is fixed at the warm-up's, so with the towers at learning rate 0
+    no ID changes however far the LLM moves, and a refresh with no training in between changes
+    nothing (64 codes for 48 items: dead codes a re-seed would move). ``live`` follows the LLM."""
+    _, trainer, train, *_ = build(tmp_path, ttds_codebook_size=64, ttds_suffix_size=128,  # no table overflows
+                                  ttds_text_source=source, ttds_tower_learning_rate=0.0)
+    m = trainer.model
+    m.train_stage("warmup", train, None, stage_cfg(trainer))
+    x0 = m.text_repr(m.item_text_ids[1:])
+    assert torch.equal(m.item_x[1:], x0) and bool(m.x_ready)
+    towers = {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("item_tower", "user_tower"))}
+    sids = (m.item_sid.clone(), m.user_sid.clone())
+    _sgd_steps(m, train)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in towers.items())  # tower lr 0: untouched
+    with torch.no_grad():  # and the LLM's X moves much further still: each text word reads as another
+        rows = m.llm.get_input_embeddings().weight[m.text_offset:m.text_offset + m.text_vocab]
+        rows.copy_(rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))])
+    assert (m.text_repr(m.item_text_ids[1:]) - x0).norm() > 0.5 * x0.norm()
+    stats = m.refresh_ids()
+    assert "item_collision_rate" in stats and "user_collision_rate" in stats  # rebuilt, not kept
+    if source == "warmup":
+        assert stats["item_changed"] == stats["user_changed"] == 0, stats
+        assert torch.equal(m.item_sid, sids[0]) and torch.equal(m.user_sid, sids[1])
+        assert m.refresh_ids()["item_changed"] == 0
+    else:
+        assert stats["item_changed"] > 0.1 and stats["user_changed"] > 0.1, stats
+
+
+def test_towers_train_at_their_own_learning_rate_in_the_joint_stage(tmp_path):
+    _, trainer, train, valid, _ = build(tmp_path, epochs=1, learning_rate=0.05, ttds_tower_learning_rate=0.0)
+    m = trainer.model
+    trainer.fit(train, valid, saved=False)
+    groups = trainer.optimizer.param_groups
+    tower = {id(p) for p in list(m.item_tower.parameters()) + list(m.user_tower.parameters())}
+    assert [g["lr"] for g in groups] == [0.05, 0.0]
+    assert {id(p) for p in groups[1]["params"]} == tower and not tower & {id(p) for p in groups[0]["params"]}
+    stage = torch.load(trainer.stage_files["warmup"], weights_only=False)["state"]["towers"]
+    state = m.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in stage.items() if k.startswith(("item_tower", "user_tower")))
+    assert not torch.equal(stage["up_proj.item.weight"], state["up_proj.item.weight"])  # the rest trained
 
 
 @pytest.mark.parametrize("preset", ["t5-tiny", "qwen2-tiny"])

@@ -34,10 +34,17 @@ Generator"). No public code exists; where the paper is silent the choice is ours
   ``ttds_instruction: False`` leaves the Sids alone. Optimiser: the paper
   uses AdamW at 5e-4 (Sec. 5.1.4); the YAML keeps RecBole's Adam at 2e-3, TIGER's recipe here.
 - **Schedule** (Sec. 5.1.4): stage ``warmup`` trains towers + ID embeddings on L_DM with the LLM
-  frozen; the recommender stage trains everything. **Dynamic IDs**: every Sid is recomputed from the
-  current LLM + towers after warm-up and at the start of every joint epoch (``TTDSTrainer``); the
+  frozen; the recommender stage trains everything. **Dynamic IDs**: every Sid is recomputed from X
+  and the current towers after warm-up and at the start of every joint epoch (``TTDSTrainer``); the
   share of changed IDs is logged. Code tables are persistent buffers, so a checkpoint evaluates
   with the table it was trained with.
+- **Keeping IDs learnable** (paper silent; our choices, measured in :meth:`TTDS.text_targets` and
+  :meth:`TTDS.param_groups`): the paper fine-tunes a pretrained LLaMA through LoRA, whose frozen
+  base barely moves X; a randomly initialised preset under full fine-tuning moves it so far that
+  nearly every first-level code changed at each refresh. ``ttds_text_source: warmup`` keeps X as the
+  warm-up's backbone computed it (``live``: the current backbone, the paper's wording taken
+  literally), and ``ttds_tower_learning_rate`` trains the towers slower than the LLM in the joint
+  stage, so IDs move by the towers' learning, a few at a time.
 - **Decoding**: the trie-constrained beam search over item Sids, T5 or decoder-only (one engine,
   KV-cached steps, :mod:`recbole_genrec.decoding.beam_search`). ``full_sort_predict`` as TIGER's.
 - **Ablations** (Table 2): ``ttds_user_tower: False`` (STDS: no user Sids, no user task),
@@ -85,7 +92,12 @@ INSTRUCTIONS = {
 
 
 class TTDSTrainer(StagedTrainer):
-    """Recomputes every Sid at the start of each joint epoch (dynamic IDs, Sec. 4.2)."""
+    """Recomputes every Sid at the start of each joint epoch (dynamic IDs, Sec. 4.2); the towers
+    train at their own ``ttds_tower_learning_rate`` in the joint stage."""
+
+    def _build_optimizer(self, **kwargs):
+        params = kwargs.pop("params", [p for p in self.model.parameters() if p.requires_grad])
+        return super()._build_optimizer(params=self.model.param_groups(list(params)), **kwargs)
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if self.model.dynamic:
@@ -106,6 +118,9 @@ class TTDS(GenerativeRecommender):
         self.alpha, self.dm_beta = float(config["alpha"]), float(config["ttds_beta"])
         self.use_user = bool(config["ttds_user_tower"])
         self.dynamic = bool(config["ttds_dynamic"])
+        self.text_source = self.option(config, "ttds_text_source", ("warmup", "live"))
+        tower_lr = config["ttds_tower_learning_rate"]
+        self.tower_lr = None if tower_lr is None else float(tower_lr)
         self.indexer = self.option(config, "ttds_indexer", ("rq", "lsh", "random"))
         self.token_embedding = self.option(config, "ttds_token_embedding", ("codeword", "free"))
         if self.indexer != "rq":
@@ -192,6 +207,11 @@ class TTDS(GenerativeRecommender):
         for name, text in INSTRUCTIONS.items():
             self.register_buffer(f"instr_{name}", self.text_tokens(text if self.instruction else ""),
                                  persistent=False)
+
+        # ----- X (Eq. 6) as the warm-up's backbone computed it (ttds_text_source: warmup) -----
+        self.register_buffer("item_x", torch.zeros(self.n_items, d))
+        self.register_buffer("user_x", torch.zeros(self.n_users if self.use_user else 1, d))
+        self.register_buffer("x_ready", torch.zeros((), dtype=torch.bool))
 
         # ----- code tables: token ids [n, M + 1], saved with every checkpoint -----
         self.register_buffer("item_sid", torch.zeros(self.n_items, self.M + 1, dtype=torch.long))
@@ -349,6 +369,41 @@ class TTDS(GenerativeRecommender):
         self.llm.train(was_training)
         return torch.cat(out).float()
 
+    def text_targets(self, kind: str, index: torch.Tensor | None = None) -> torch.Tensor:
+        """X (Eq. 6) of the entities ``index`` (default: all, row 0 excluded) of one tower.
+
+        ``ttds_text_source: warmup`` (default; our choice): X as the backbone computed it at the end
+        of the warm-up, kept in ``item_x`` / ``user_x``, the analogue of the paper's frozen LLaMA
+        base under LoRA (Sec. 5.1.4). ``live``: the current backbone. Measured on ml-100k (t5-tiny,
+        full fine-tuning, Adam 2e-3): after 150 joint steps live X had moved by 1.76x its own norm
+        and 99.5% of the items' first codes changed with the towers untouched, so every epoch's
+        refresh handed the recommender new IDs."""
+        if self.text_source == "live" or not bool(self.x_ready):
+            text_ids = self.item_text_ids if kind == "item" else self.user_text_ids
+            return self.text_repr(text_ids[1:] if index is None else text_ids[index])
+        x = self.item_x if kind == "item" else self.user_x
+        return x[1:] if index is None else x[index]
+
+    def keep_text_targets(self, x: dict) -> None:
+        """Store the warm-up's X of each tower (``x[kind]``: rows 1..n) in the ``*_x`` buffers."""
+        for kind, value in x.items():
+            buffer = self.item_x if kind == "item" else self.user_x
+            buffer[1:] = value.to(buffer.dtype)
+        self.x_ready.fill_(True)
+
+    def param_groups(self, params: list) -> list:
+        """Optimiser groups of the joint stage: the towers (encoders, codebooks) at
+        ``ttds_tower_learning_rate`` when it is set, everything else at the run's learning rate.
+        Our choice, paper silent: Adam moves a parameter about one learning rate a step whatever
+        its loss weight, so ``alpha`` alone cannot slow the towers; at the run's 2e-3, 150 steps
+        changed 82% of the items' first codes on a fixed X."""
+        if self.tower_lr is None:
+            return params
+        tower = {id(p) for k in ("item", "user") if self.tower(k) is not None for p in self.tower(k).parameters()}
+        groups = [{"params": [p for p in params if id(p) not in tower]},
+                  {"params": [p for p in params if id(p) in tower], "lr": self.tower_lr}]
+        return [g for g in groups if g["params"]]
+
     # ----- towers, DM-VAE (Eq. 10-14) ---------------------------------------------------------
     def tower(self, kind):
         return self.item_tower if kind == "item" else self.user_tower
@@ -401,17 +456,21 @@ class TTDS(GenerativeRecommender):
         return torch.cat([codes, suffix], 1)
 
     @torch.no_grad()
-    def refresh_ids(self) -> dict:
-        """Recompute every Sid from the current LLM + towers (eval mode), resolve collisions,
-        rebuild the trie; return the collision rate and the share of changed IDs per tower."""
+    def refresh_ids(self, follow: bool | None = None) -> dict:
+        """Recompute every Sid from X (:meth:`text_targets`) and the current towers (eval mode),
+        resolve collisions, rebuild the trie; return the collision rate and the share of changed
+        IDs per tower. ``follow`` (default: with ``ttds_text_source: live``) first re-fits the
+        towers to the current X (:meth:`follow_representations`); the warm-up's refresh always
+        does, so with a fixed X a refresh without training in between changes nothing."""
         was_training = self.training
         self.eval()
         stats = {}
         kinds = ("item", "user") if self.use_user else ("item",)
+        if follow is None:
+            follow = self.text_source == "live"
         for kind in kinds:
-            text_ids = self.item_text_ids[1:] if kind == "item" else self.user_text_ids[1:]
-            x = self.text_repr(text_ids)
-            if self.indexer == "rq" and self.dynamic:
+            x = self.text_targets(kind)
+            if self.indexer == "rq" and self.dynamic and follow:
                 stats[f"{kind}_reseeded"] = self.follow_representations(kind, x)
             codes = self.compute_codes(kind, x)
             target = self.item_sid if kind == "item" else self.user_sid
@@ -446,6 +505,7 @@ class TTDS(GenerativeRecommender):
         history = []
         try:
             x = {k: self.text_repr(self.item_text_ids[1:] if k == "item" else self.user_text_ids[1:]) for k in kinds}
+            self.keep_text_targets(x)
             if self.indexer == "rq":
                 g = torch.Generator().manual_seed(int(self.config["seed"]))
                 for k in kinds:
@@ -483,7 +543,7 @@ class TTDS(GenerativeRecommender):
         finally:
             for p, flag in zip(llm_params, frozen):
                 p.requires_grad_(flag)
-        stats = self.refresh_ids()
+        stats = self.refresh_ids(follow=True)
         if not self.dynamic:  # TTSS: towers and IDs frozen from here on
             for k in kinds:
                 for p in self.tower(k).parameters():
@@ -494,7 +554,8 @@ class TTDS(GenerativeRecommender):
 
     def stage_state_dict(self, stage):
         return {"towers": {k: v for k, v in self.state_dict().items()
-                           if k.startswith(("item_tower", "user_tower", "up_proj", "level_emb"))},
+                           if k.startswith(("item_tower", "user_tower", "up_proj", "level_emb", "item_x", "user_x",
+                                            "x_ready"))},
                 "item_sid": self.item_sid.clone(), "user_sid": self.user_sid.clone()}
 
     def load_stage_state_dict(self, stage, state):
@@ -621,10 +682,10 @@ class TTDS(GenerativeRecommender):
     def batch_dm_loss(self, interaction):
         """L_DM on the batch's target items (and users), each tower on at most ``ttds_aux_batch``."""
         items = self._sample(torch.unique(interaction[self.POS_ITEM_ID]))
-        loss = self.dm_loss("item", self.text_repr(self.item_text_ids[items]))["dm"]
+        loss = self.dm_loss("item", self.text_targets("item", items))["dm"]
         if self.use_user:
             users = self._sample(torch.unique(interaction[self.USER_ID]))
-            loss = loss + self.dm_loss("user", self.text_repr(self.user_text_ids[users]))["dm"]
+            loss = loss + self.dm_loss("user", self.text_targets("user", users))["dm"]
         return loss
 
     # ----- decoding ---------------------------------------------------------------------------
