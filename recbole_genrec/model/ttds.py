@@ -395,8 +395,8 @@ class TTDS(GenerativeRecommender):
         """Optimiser groups of the joint stage: the towers (encoders, codebooks) at
         ``ttds_tower_learning_rate`` when it is set, everything else at the run's learning rate.
         Our choice, paper silent: Adam moves a parameter about one learning rate a step whatever
-        its loss weight, so ``alpha`` alone cannot slow the towers; at the run's 2e-3, 150 steps
-        changed 82% of the items' first codes on a fixed X."""
+        its loss weight, so ``alpha`` alone cannot slow the towers; on ml-100k, 150 steps on a fixed X
+        changed 82% of the items' first codes at the run's 2e-3 and 12% at the default 2e-5."""
         if self.tower_lr is None:
             return params
         tower = {id(p) for k in ("item", "user") if self.tower(k) is not None for p in self.tower(k).parameters()}
