@@ -115,7 +115,7 @@ def test_dynamic_ids_change_between_epochs_and_ttss_keeps_them(tmp_path):
     assert not any(p.requires_grad for p in trainer.model.item_tower.parameters())
 
 
-def _sgd_steps(m, train, steps=4, lr=0.05):
+def _joint_steps(m, train, steps=4, lr=0.05):
     """A few joint steps on L_All that move the backbone (hence the live X) a long way."""
     opt = torch.optim.Adam(m.param_groups([p for p in m.parameters() if p.requires_grad]), lr=lr)
     m.train()
@@ -140,7 +140,7 @@ def test_x_is_the_warmups_and_a_refresh_changes_ids_only_by_the_towers_learning(
     assert torch.equal(m.item_x[1:], x0) and bool(m.x_ready)
     towers = {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("item_tower", "user_tower"))}
     sids = (m.item_sid.clone(), m.user_sid.clone())
-    _sgd_steps(m, train)
+    _joint_steps(m, train)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in towers.items())  # tower lr 0: untouched
     with torch.no_grad():  # and the LLM's X moves much further still: each text word reads as another
         rows = m.llm.get_input_embeddings().weight[m.text_offset:m.text_offset + m.text_vocab]
@@ -407,3 +407,34 @@ def test_ttds_dm_has_no_dm_vae_at_all(tmp_path):
     batch = next(iter(train))
     m.calculate_loss(batch)
     assert "dm" not in m.last_losses
+
+
+def test_the_warmups_x_survives_a_stage_resume_and_is_what_the_joint_losses_read(tmp_path):
+    _, trainer, train, valid, _ = build(tmp_path)
+    trainer.run_stages(train, valid)
+    m = trainer.model
+    x, sids = m.item_x.clone(), m.item_sid.clone()
+    _, again, train2, valid2, _ = build(tmp_path)  # same settings: the stage file is loaded, not trained
+    again.run_stages(train2, valid2)
+    m2 = again.model
+    assert bool(m2.x_ready) and torch.equal(m2.item_x, x) and torch.equal(m2.item_sid, sids)
+    assert m2.refresh_ids()["item_changed"] == 0
+    batch = next(iter(train2))
+    m2.train()
+    before = float(m2.batch_dm_loss(batch))
+    with torch.no_grad():
+        m2.item_x += 100.0  # L_ID's target is the stored X
+    assert float(m2.batch_dm_loss(batch)) > 100 * before
+
+
+def test_a_checkpoint_from_before_x_was_stored_loads_and_reads_live_x(tmp_path):
+    _, trainer, train, *_ = build(tmp_path, ttds_tower_learning_rate="~")
+    m = trainer.model
+    assert m.tower_lr is None and m.param_groups([m.level_emb]) == [m.level_emb]
+    m.train_stage("warmup", train, None, stage_cfg(trainer))
+    old = {k: v for k, v in m.state_dict().items() if k not in ("item_x", "user_x", "x_ready")}
+    m.load_state_dict(old)
+    assert not bool(m.x_ready)
+    assert torch.equal(m.text_targets("item"), m.text_repr(m.item_text_ids[1:]))
+    with pytest.raises(ValueError, match="ttds_tower_learning_rate"):
+        build(tmp_path / "bad", ttds_tower_learning_rate="fast")

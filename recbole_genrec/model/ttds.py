@@ -118,9 +118,11 @@ class TTDS(GenerativeRecommender):
         self.alpha, self.dm_beta = float(config["alpha"]), float(config["ttds_beta"])
         self.use_user = bool(config["ttds_user_tower"])
         self.dynamic = bool(config["ttds_dynamic"])
-        self.text_source = self.option(config, "ttds_text_source", ("warmup", "live"))
-        tower_lr = config["ttds_tower_learning_rate"]
-        self.tower_lr = None if tower_lr is None else float(tower_lr)
+        # (a checkpoint from before these options has neither: warmup, with no stored X, reads live X)
+        self.text_source = config["ttds_text_source"] or "warmup"
+        if self.text_source not in ("warmup", "live"):
+            raise ValueError(f"ttds_text_source must be one of ['warmup', 'live'], got {self.text_source!r}")
+        self.tower_lr = self.optional_float(config, "ttds_tower_learning_rate")
         self.indexer = self.option(config, "ttds_indexer", ("rq", "lsh", "random"))
         self.token_embedding = self.option(config, "ttds_token_embedding", ("codeword", "free"))
         if self.indexer != "rq":
@@ -369,6 +371,17 @@ class TTDS(GenerativeRecommender):
         self.llm.train(was_training)
         return torch.cat(out).float()
 
+    @staticmethod
+    def optional_float(config, key) -> float | None:
+        """``config[key]`` as a float; ``None`` for ``~`` / ``none`` / ``null`` (YAML or the CLI)."""
+        value = config[key]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("~", "none", "null", "")):
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} must be a number or ~ (unset), got {value!r}") from None
+
     def text_targets(self, kind: str, index: torch.Tensor | None = None) -> torch.Tensor:
         """X (Eq. 6) of the entities ``index`` (default: all, row 0 excluded) of one tower.
 
@@ -377,8 +390,9 @@ class TTDS(GenerativeRecommender):
         base under LoRA (Sec. 5.1.4). ``live``: the current backbone. Measured on ml-100k (t5-tiny,
         full fine-tuning, Adam 2e-3): after 150 joint steps live X had moved by 1.76x its own norm
         and 99.5% of the items' first codes changed with the towers untouched, so every epoch's
-        refresh handed the recommender new IDs."""
-        if self.text_source == "live" or not bool(self.x_ready):
+        refresh handed the recommender new IDs. Dynamic LSH (TT-DLSH) always reads live X: its
+        hyperplanes are fixed, so X is all that can move its IDs."""
+        if self.text_source == "live" or (self.indexer == "lsh" and self.dynamic) or not bool(self.x_ready):
             text_ids = self.item_text_ids if kind == "item" else self.user_text_ids
             return self.text_repr(text_ids[1:] if index is None else text_ids[index])
         x = self.item_x if kind == "item" else self.user_x
@@ -577,6 +591,10 @@ class TTDS(GenerativeRecommender):
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         self._trie = None
+        if strict and not any(k in state_dict for k in ("item_x", "user_x", "x_ready")):
+            # a checkpoint from before X was stored: it trained on live X, which it keeps reading
+            own = self.state_dict()
+            state_dict = {**state_dict, **{k: torch.zeros_like(own[k]) for k in ("item_x", "user_x", "x_ready")}}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ----- prompts and the seq2seq loss (Eq. 8-9) ----------------------------------------------
