@@ -35,8 +35,11 @@ weights, also used here, are deterministic.) On CUDA
 two runs of one config therefore agree only up to float rounding (differences from about the
 7th significant digit that can grow over epochs, and flip ties in a top-k); for bit-identical GPU
 runs set ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` and call ``torch.use_deterministic_algorithms(True)``
-(slower; some kernels then raise). CPU runs are bit-identical for one thread count; a different
-``torch.get_num_threads()`` can change reduction order and the last bits.
+(slower; some kernels then raise). CPU runs are bit-identical at one thread. With more threads
+they may not be, even at one thread count: on the 2-core AMD EPYC these tests run on (torch's MKL
+build), SETRec's resumed run at 2 threads differed from the first in the last bits in 3 runs of 5,
+enough to swap two near-tied items inside the top 10 (test ndcg@10 0.08099 vs 0.08042); at
+``OMP_NUM_THREADS=1`` 4 runs of 4 were identical. The tests therefore run at one thread.
 """
 
 import glob
@@ -69,6 +72,15 @@ COMMON = {"use_gpu": False, "metric_decimal_place": 12, "resume_stages": True}
 def run(model, folder, **extra):
     return run_recbole_genrec(model, "genrec-tiny", [TINY_YAML],
                               {"checkpoint_dir": str(folder), **COMMON, **FAST[model], **extra}, saved=True)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bit-identity is a one-thread property on CPU (module docstring)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def numbers(result):
