@@ -15,7 +15,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 
 import torch
 
@@ -49,7 +48,6 @@ def main():
         m.tower_lr = lr
         opt = trainer._build_optimizer(params=[p for p in m.parameters() if p.requires_grad])
         m.train()
-        start = time.time()
         for step, batch in enumerate(train):
             loss = m.calculate_loss(batch)
             opt.zero_grad()
@@ -66,10 +64,10 @@ def main():
                     codes = m.tower(kind).get_codes(xs)
                     rows.append((lr, kind, source, float((codes[:, 0] != c0[kind][:, 0]).float().mean()),
                                  len(torch.unique(codes, dim=0)), len(codes),
-                                 float((live - x).norm(dim=1).mean() / x.norm(dim=1).mean()), time.time() - start))
+                                 float((live - x).norm(dim=1).mean() / x.norm(dim=1).mean())))
     print(f"\nTTDS on {args.dataset}: {args.steps} joint steps at learning rate {config['learning_rate']} after warm-up")
     print(f"{'tower lr':>9} {'tower':>5} {'X':>10} {'first codes changed':>20} {'distinct tuples':>16} {'live X moved':>13}")
-    for lr, kind, source, changed, distinct, n, moved, _ in rows:
+    for lr, kind, source, changed, distinct, n, moved in rows:
         print(f"{lr:>9.0e} {kind:>5} {source:>10} {changed:>20.1%} {f'{distinct}/{n}':>16} {moved:>12.2f}x")
 
 
