@@ -10,6 +10,7 @@ import torch
 
 import recbole_genrec  # noqa: F401
 from conftest import ROOT, TINY_YAML, save_word_backbone, split_words
+from recbole_genrec.data import TextEncoder, load_item_texts
 from recbole_genrec.quick_start import _prepare, load_data_and_model, run_recbole_genrec
 
 SMALL = {"ttds_levels": 2, "ttds_codebook_size": 8, "ttds_suffix_size": 32, "ttds_code_dim": 16,
@@ -43,7 +44,7 @@ def test_token_ranges_of_the_towers_are_disjoint_and_tables_live_in_them(tmp_pat
 
 
 def test_tables_are_one_to_one_with_forced_collisions(tmp_path):
-    _, trainer, train, *_ = build(tmp_path, ttds_codebook_size=2)  # 4 tuples for 48 items, 80 users
+    _, trainer, train, *_ = build(tmp_path, ttds_codebook_size=2, ttds_suffix_size=80)  # 4 tuples, 48 items, 80 users
     m = trainer.model
     stats = m.train_stage("warmup", train, None, stage_cfg(trainer))
     assert stats["item_collision_rate"] > 0.5 and stats["user_collision_rate"] > 0.5
@@ -75,10 +76,11 @@ def test_l_id_alone_reaches_encoder_codebooks_and_llm_with_a_detached_target(tmp
     _, trainer, train, *_ = build(tmp_path, use_lora=lora)
     m = trainer.model
     m.train_stage("warmup", train, None, {**stage_cfg(trainer), "epochs": 0})
-    x = m.text_repr(m.item_text_ids[1:17]).requires_grad_(True)
+    x = m.text_targets("item", torch.arange(1, 17)).clone().requires_grad_(True)
     m.zero_grad()
     m.dm_loss("item", x)["id"].backward()
     assert x.grad is None  # the text target (and the towers' input) is stop-gradient
+    assert m.x_head.weight.grad.abs().sum() > 0  # f maps the LLM's states into the encoder's X space
     tower = m.item_tower
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for p in tower.encoder.parameters() if p.dim() == 2)
@@ -154,6 +156,36 @@ def test_x_is_the_warmups_and_a_refresh_changes_ids_only_by_the_towers_learning(
         assert m.refresh_ids()["item_changed"] == 0
     else:
         assert stats["item_changed"] > 0.1 and stats["user_changed"] > 0.1, stats
+
+
+@pytest.mark.parametrize("backbone", ["preset", "llm_path"])
+def test_a_backbone_that_knows_no_words_reads_x_from_the_text_encoder(tmp_path, backbone):
+    """``ttds_text_source: auto``: a randomly initialised preset takes X from the text encoder (the
+    sentence embeddings of the entity texts, scaled to unit mean square), which the towers quantise
+    and L_ID targets through ``x_head``; a backbone from ``llm_path`` keeps its own X."""
+    extra = {}
+    if backbone == "llm_path":
+        words = ["<pad>", "</s>", "<unk>", "the", "returns", "files", "story", "chronicles", "recent"]
+        extra["llm_path"] = str(save_word_backbone(tmp_path / "llm", "t5-tiny", words, eos="</s>"))
+        extra["ttds_suffix_size"] = 128  # few known words: codes collide
+    config, trainer, train, *_ = build(tmp_path, **extra)
+    m = trainer.model
+    m.train_stage("warmup", train, None, stage_cfg(trainer))
+    if backbone == "llm_path":
+        assert m.text_source == "warmup" and isinstance(m.x_head, torch.nn.Identity)
+        assert torch.equal(m.item_x[1:], m.text_repr(m.item_text_ids[1:]))
+        return
+    assert m.text_source == "encoder"
+    encoder = TextEncoder(max_length=config["text_encoder_max_length"])
+    texts = load_item_texts(config, train._dataset)
+    expected = torch.from_numpy(encoder.encode(texts[1:])) * 384 ** 0.5
+    assert torch.allclose(m.item_x[1:], expected, atol=1e-4)
+    users = [u for u, t in enumerate(m.user_text_strings) if t]
+    expected = torch.from_numpy(encoder.encode([m.user_text_strings[u] for u in users])) * 384 ** 0.5
+    assert torch.allclose(m.user_x[users], expected, atol=1e-4)
+    codes = m.item_sid[1:, : m.M] - m.item_offset - torch.arange(m.M) * m.N
+    assert torch.equal(codes, m.item_tower.get_codes(m.item_x[1:]))  # the IDs quantise it
+    assert torch.equal(m.text_targets("item"), m.item_x[1:])  # and the joint losses read it, not the LLM
 
 
 def test_towers_train_at_their_own_learning_rate_in_the_joint_stage(tmp_path):
@@ -428,8 +460,10 @@ def test_the_warmups_x_survives_a_stage_resume_and_is_what_the_joint_losses_read
 
 
 def test_a_checkpoint_from_before_x_was_stored_loads_and_reads_live_x(tmp_path):
-    _, trainer, train, *_ = build(tmp_path, ttds_tower_learning_rate="~")
+    # such a checkpoint's config has no ttds_text_source: the LLM's own X
+    _, trainer, train, *_ = build(tmp_path, ttds_tower_learning_rate="~", ttds_text_source=None)
     m = trainer.model
+    assert m.text_source == "warmup"
     assert m.tower_lr is None and m.param_groups([m.level_emb]) == [m.level_emb]
     m.train_stage("warmup", train, None, stage_cfg(trainer))
     old = {k: v for k, v in m.state_dict().items() if k not in ("item_x", "user_x", "x_ready")}

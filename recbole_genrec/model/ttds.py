@@ -4,12 +4,20 @@ Generator"). No public code exists; where the paper is silent the choice is ours
 
 - **The LLM is its own text encoder** (Sec. 4.2.1, Eq. 6): X = masked mean of the backbone's last
   hidden states (T5: encoder; decoder-only: the stack) over an entity's text, same weights (+ LoRA)
-  as the recommender. Items: ``item_text_fields``. Users: ``user_text_fields`` of the ``.user``
+  as the recommender (``ttds_text_source: warmup`` or ``live``, below). The paper's LLM is
+  pretrained; the tiny presets are randomly initialised and know no words, so their X carries
+  almost nothing: on ml-100k the mutual information between the first codes of consecutive
+  training items was 0.046 nats from t5-tiny's X, 0.036 for random codes of the same size, 0.221
+  for TIGER's codes from the sentence encoder. ``ttds_text_source: encoder`` (our choice, the
+  default ``auto`` for a preset without pretrained weights) takes X from the packaged text encoder
+  instead (TIGER's embeddings of the same texts, fixed), and L_ID maps the pooled LLM states into
+  X's space with a linear ``x_head``; ``auto`` keeps the LLM's own X for ``llm_path`` and SmolLM2. Items: ``item_text_fields``. Users: ``user_text_fields`` of the ``.user``
   file when given, then the titles (first ``item_text_fields`` column) of the user's last
   ``ttds_user_history_titles`` TRAINING items (paper: comments/queries/profile, which ml-100k lacks;
   our choice). With ``llm_path`` the backbone's tokenizer reads the text; the tiny presets have no
   vocabulary, so text words are hashed (md5) into ``ttds_text_vocab`` extra tokens of the backbone
-  (our choice: the backbone still encodes the text itself).
+  (our choice: the backbone still encodes the text itself; with ``encoder`` the hashed words are
+  read only in the instructions).
 - **Twin towers** (Sec. 4.2.2, Eq. 7, 10, 11): an item and a user tower, each an MLP encoder
   (paper d-2048-1024-512-256, here ``ttds_tower_hidden`` -> ``ttds_code_dim``) and M residual
   codebooks of N codes, nearest code by squared Euclidean distance (:class:`quantize.rq_vae.RQVAE`
@@ -59,6 +67,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from logging import getLogger
 
@@ -67,7 +76,7 @@ import torch.nn.functional as F
 from recbole.utils import set_color
 from torch import nn
 
-from recbole_genrec.data import load_item_texts, load_user_texts
+from recbole_genrec.data import TextEncoder, item_text_embeddings, load_item_texts, load_user_texts
 from recbole_genrec.decoding import (PrefixTrie, causal_stepper, constrained_beam_search, full_scores,
                                      seq2seq_stepper)
 from recbole_genrec.llm.backbone import add_new_tokens, apply_lora, backbone_from_config, transformer_body
@@ -78,6 +87,7 @@ from recbole_genrec.trainer import StagedTrainer
 
 PAD, EOS, SEP = 0, 1, 2
 TASKS = ("next_item", "user")
+TEXT_SOURCES = ("auto", "encoder", "warmup", "live")
 # Instruction prompts (Sec. 4.2.1 and 4.2.4 give one example each; the wording here is ours), split
 # at the Sid slots: next item = [user_intro] user Sid [history_intro] item Sids; user prediction =
 # [item_intro] item Sid [users_intro] user Sids [user_question]. Without a user tower the user slot
@@ -119,9 +129,11 @@ class TTDS(GenerativeRecommender):
         self.use_user = bool(config["ttds_user_tower"])
         self.dynamic = bool(config["ttds_dynamic"])
         # (a checkpoint from before these options has neither: warmup, with no stored X, reads live X)
-        self.text_source = config["ttds_text_source"] or "warmup"
-        if self.text_source not in ("warmup", "live"):
-            raise ValueError(f"ttds_text_source must be one of ['warmup', 'live'], got {self.text_source!r}")
+        pretrained = bool(config["llm_path"]) or config["llm_preset"] == "smollm2-135m"
+        self.text_source = self.option(config, "ttds_text_source", TEXT_SOURCES) if config["ttds_text_source"] \
+            else "warmup"
+        if self.text_source == "auto":
+            self.text_source = "warmup" if pretrained else "encoder"
         self.tower_lr = self.optional_float(config, "ttds_tower_learning_rate")
         self.indexer = self.option(config, "ttds_indexer", ("rq", "lsh", "random"))
         self.token_embedding = self.option(config, "ttds_token_embedding", ("codeword", "free"))
@@ -142,7 +154,7 @@ class TTDS(GenerativeRecommender):
         # ----- vocabulary: [specials][item ID tokens][user ID tokens][hashed text words] -----
         self.n_id = self.M * self.N + self.S  # per tower
         self.text_vocab = int(config["ttds_text_vocab"])
-        if self.text_vocab < 1 and not (config["llm_path"] or config["llm_preset"] == "smollm2-135m"):
+        if self.text_vocab < 1 and not pretrained:
             raise ValueError(f"ttds_text_vocab must be >= 1 with llm_preset {config['llm_preset']!r} (it has no "
                              f"tokenizer: item texts and instructions are hashed into that many tokens); got "
                              f"{self.text_vocab}")
@@ -150,7 +162,7 @@ class TTDS(GenerativeRecommender):
         preset_vocab = 3 + n_new + self.text_vocab
         backbone = backbone_from_config(config, vocab_size=preset_vocab)
         self.tokenizer = backbone.tokenizer
-        if config["llm_path"] or config["llm_preset"] == "smollm2-135m":
+        if pretrained:
             self.item_offset = add_new_tokens(backbone, n_new)
             if self.tokenizer is None:
                 self.text_offset = add_new_tokens(backbone, self.text_vocab)
@@ -173,11 +185,26 @@ class TTDS(GenerativeRecommender):
         self.is_encoder_decoder = backbone.is_encoder_decoder
         d = backbone.hidden_size
 
+        # ----- texts (token ids), history-derived data: training interactions only -----
+        self.train_items = self.user_training_items(dataset)
+        item_texts = load_item_texts(config, dataset)
+        user_texts = self.user_texts(config, dataset, self.train_items) if self.use_user else [""]
+        self.user_text_strings = user_texts  # kept for inspection (tests, logging)
+        max_len = int(config["ttds_text_length"])
+        self.register_buffer("item_text_ids", self.tokenize(item_texts, max_len), persistent=False)
+        self.register_buffer("user_text_ids", self.tokenize(user_texts, max_len), persistent=False)
+        # X of the text encoder (ttds_text_source: encoder), rows 0..n; its width dx is the towers' input
+        encoded = {"item": self.encoder_x(config, item_texts), "user": self.encoder_x(config, user_texts)} \
+            if self.text_source == "encoder" else None
+        dx = encoded["item"].shape[1] if encoded else d
+
         # ----- twin towers and ID-token embeddings -----
         tower = dict(hidden=tuple(config["ttds_tower_hidden"]), e_dim=config["ttds_code_dim"], levels=self.M,
                      codebook_size=self.N, beta=config["ttds_commitment"], decoder=False)
-        self.item_tower = RQVAE(d, **tower)
-        self.user_tower = RQVAE(d, **tower) if self.use_user else None
+        self.item_tower = RQVAE(dx, **tower)
+        self.user_tower = RQVAE(dx, **tower) if self.use_user else None
+        # f in L_ID (Eq. 12) maps pooled LLM states into X's space: the identity when X is the LLM's own
+        self.x_head = nn.Linear(d, dx) if encoded else nn.Identity()
         self.up_proj = nn.ModuleDict({"item": nn.Linear(config["ttds_code_dim"], d),
                                       **({"user": nn.Linear(config["ttds_code_dim"], d)} if self.use_user else {})})
         self.level_emb = nn.Parameter(torch.randn(self.M, d) * 0.02)
@@ -189,16 +216,10 @@ class TTDS(GenerativeRecommender):
         # LSH: fixed random hyperplanes, log2(N) sign bits per level
         bits = int(math.log2(self.N)) if self.N > 1 else 1
         g = torch.Generator().manual_seed(int(config["seed"]))
-        self.register_buffer("lsh_planes", torch.randn(self.M, bits, d, generator=g), persistent=False)
+        lsh_dim = d if self.dynamic else dx  # TT-DLSH reads live X (text_targets)
+        self.register_buffer("lsh_planes", torch.randn(self.M, bits, lsh_dim, generator=g), persistent=False)
 
-        # ----- texts (token ids), history-derived data: training interactions only -----
-        self.train_items = self.user_training_items(dataset)
-        item_texts = load_item_texts(config, dataset)
-        user_texts = self.user_texts(config, dataset, self.train_items) if self.use_user else [""]
-        self.user_text_strings = user_texts  # kept for inspection (tests, logging)
-        max_len = int(config["ttds_text_length"])
-        self.register_buffer("item_text_ids", self.tokenize(item_texts, max_len), persistent=False)
-        self.register_buffer("user_text_ids", self.tokenize(user_texts, max_len), persistent=False)
+        # ----- history-derived data: training interactions only -----
         indptr, users = self.item_user_sequences(dataset)
         self.register_buffer("item_user_indptr", indptr, persistent=False)
         self.register_buffer("item_user_seq", users, persistent=False)
@@ -210,10 +231,13 @@ class TTDS(GenerativeRecommender):
             self.register_buffer(f"instr_{name}", self.text_tokens(text if self.instruction else ""),
                                  persistent=False)
 
-        # ----- X (Eq. 6) as the warm-up's backbone computed it (ttds_text_source: warmup) -----
-        self.register_buffer("item_x", torch.zeros(self.n_items, d))
-        self.register_buffer("user_x", torch.zeros(self.n_users if self.use_user else 1, d))
+        # ----- X (Eq. 6) as the warm-up's backbone computed it (warmup) or the text encoder's -----
+        self.register_buffer("item_x", torch.zeros(self.n_items, dx))
+        self.register_buffer("user_x", torch.zeros(self.n_users if self.use_user else 1, dx))
         self.register_buffer("x_ready", torch.zeros((), dtype=torch.bool))
+        self._x_ready = False  # mirrors x_ready: no device sync per batch
+        if encoded:
+            self.keep_text_targets({k: v[1:] for k, v in encoded.items() if k == "item" or self.use_user})
 
         # ----- code tables: token ids [n, M + 1], saved with every checkpoint -----
         self.register_buffer("item_sid", torch.zeros(self.n_items, self.M + 1, dtype=torch.long))
@@ -372,6 +396,18 @@ class TTDS(GenerativeRecommender):
         return torch.cat(out).float()
 
     @staticmethod
+    def encoder_x(config, texts) -> torch.Tensor:
+        """X from the text encoder (``ttds_text_source: encoder``): ``[len(texts), dx]`` sentence
+        embeddings (cached on disk, as TIGER's), scaled from unit norm to unit mean square per
+        dimension, the scale of a T5 / RMS-normed LLM state, so L_ID weighs as it would on the LLM's
+        own X. Empty texts get a zero row."""
+        encoder = TextEncoder(config["text_encoder_path"], max_length=config["text_encoder_max_length"],
+                              batch_size=config["text_encoder_batch_size"])
+        emb = item_text_embeddings(texts, os.path.join(config["checkpoint_dir"], "text_emb"), encoder,
+                                   show_progress=config["show_progress"])
+        return torch.from_numpy(emb).float() * math.sqrt(emb.shape[1])
+
+    @staticmethod
     def optional_float(config, key) -> float | None:
         """``config[key]`` as a float; ``None`` for ``~`` / ``none`` / ``null`` (YAML or the CLI)."""
         value = config[key]
@@ -392,7 +428,7 @@ class TTDS(GenerativeRecommender):
         and 99.5% of the items' first codes changed with the towers untouched, so every epoch's
         refresh handed the recommender new IDs. Dynamic LSH (TT-DLSH) always reads live X: its
         hyperplanes are fixed, so X is all that can move its IDs."""
-        if self.text_source == "live" or (self.indexer == "lsh" and self.dynamic) or not bool(self.x_ready):
+        if self.text_source == "live" or (self.indexer == "lsh" and self.dynamic) or not self._x_ready:
             text_ids = self.item_text_ids if kind == "item" else self.user_text_ids
             return self.text_repr(text_ids[1:] if index is None else text_ids[index])
         x = self.item_x if kind == "item" else self.user_x
@@ -404,6 +440,7 @@ class TTDS(GenerativeRecommender):
             buffer = self.item_x if kind == "item" else self.user_x
             buffer[1:] = value.to(buffer.dtype)
         self.x_ready.fill_(True)
+        self._x_ready = True
 
     def param_groups(self, params: list) -> list:
         """Optimiser groups of the joint stage: the towers (encoders, codebooks) at
@@ -432,7 +469,7 @@ class TTDS(GenerativeRecommender):
         emb = self.up_proj[kind](st.transpose(0, 1)) + self.level_emb  # [n, M, d]
         mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
         sid_repr = self.pool(self.hidden_states(emb, mask), mask)  # f(Sid tokens)
-        id_loss = F.mse_loss(sid_repr.float(), x)
+        id_loss = F.mse_loss(self.x_head(sid_repr).float(), x)
         return {"id": id_loss, "token": token_loss, "dm": id_loss + self.dm_beta * token_loss}
 
     @torch.no_grad()
@@ -518,15 +555,18 @@ class TTDS(GenerativeRecommender):
             p.requires_grad_(False)
         history = []
         try:
-            x = {k: self.text_repr(self.item_text_ids[1:] if k == "item" else self.user_text_ids[1:]) for k in kinds}
-            self.keep_text_targets(x)
+            if self.text_source == "encoder":  # fixed since __init__
+                x = {k: (self.item_x if k == "item" else self.user_x)[1:] for k in kinds}
+            else:
+                x = {k: self.text_repr(self.item_text_ids[1:] if k == "item" else self.user_text_ids[1:]) for k in kinds}
+                self.keep_text_targets(x)
             if self.indexer == "rq":
                 g = torch.Generator().manual_seed(int(self.config["seed"]))
                 for k in kinds:
                     self.tower(k).init_codebooks(x[k], generator=g)
             if self.indexer == "rq" and self.alpha > 0:  # TTDS-DM (alpha 0): no DM-VAE, k-means towers
                 params = [p for k in kinds for p in list(self.tower(k).parameters()) + list(self.up_proj[k].parameters())]
-                params.append(self.level_emb)
+                params += [self.level_emb, *self.x_head.parameters()]
                 optimizer = torch.optim.AdamW(params, lr=stage_config["learning_rate"])
                 gen = torch.Generator().manual_seed(int(self.config["seed"]) + 7)
                 epochs = range(stage_config["epochs"])
@@ -568,8 +608,8 @@ class TTDS(GenerativeRecommender):
 
     def stage_state_dict(self, stage):
         return {"towers": {k: v for k, v in self.state_dict().items()
-                           if k.startswith(("item_tower", "user_tower", "up_proj", "level_emb", "item_x", "user_x",
-                                            "x_ready"))},
+                           if k.startswith(("item_tower", "user_tower", "up_proj", "level_emb", "x_head", "item_x",
+                                            "user_x", "x_ready"))},
                 "item_sid": self.item_sid.clone(), "user_sid": self.user_sid.clone()}
 
     def load_stage_state_dict(self, stage, state):
@@ -586,8 +626,10 @@ class TTDS(GenerativeRecommender):
         keys = ("alpha", "ttds_levels", "ttds_codebook_size", "ttds_suffix_size", "ttds_code_dim", "ttds_tower_hidden",
                 "ttds_commitment", "ttds_beta", "ttds_user_tower", "ttds_dynamic", "ttds_indexer",
                 "ttds_token_embedding", "ttds_text_vocab", "ttds_text_length", "ttds_user_history_titles",
-                "user_text_fields", "item_text_fields", "llm_path", "llm_preset", "llm_config", "use_lora")
-        return {k: self.config[k] for k in keys} | {"n_items": self.n_items, "n_users": self.n_users}
+                "user_text_fields", "item_text_fields", "llm_path", "llm_preset", "llm_config", "use_lora",
+                "text_encoder_path", "text_encoder_max_length")
+        return {k: self.config[k] for k in keys} | {"n_items": self.n_items, "n_users": self.n_users,
+                                                     "ttds_text_source": self.text_source}
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         self._trie = None
@@ -595,7 +637,9 @@ class TTDS(GenerativeRecommender):
             # a checkpoint from before X was stored: it trained on live X, which it keeps reading
             own = self.state_dict()
             state_dict = {**state_dict, **{k: torch.zeros_like(own[k]) for k in ("item_x", "user_x", "x_ready")}}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._x_ready = bool(self.x_ready)
+        return result
 
     # ----- prompts and the seq2seq loss (Eq. 8-9) ----------------------------------------------
     def _words(self, name, batch):
