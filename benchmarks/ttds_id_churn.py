@@ -6,7 +6,8 @@ after N joint steps, per X source and tower learning rate, side by side from one
 After the warm-up stage, each variant starts from the same state and trains ``--steps`` joint steps
 with the trainer's own optimizer (its param groups), then recomputes the codes: ``live X`` re-encodes
 every text with the current backbone (``ttds_text_source: live``), ``warm-up X`` keeps the warm-up's
-(the default). Also prints the distinct code tuples (a collapse shows as few) and how far live X moved.
+(``warmup``, what ``auto`` picks for a pretrained backbone; the script sets it, since on a preset
+``auto`` reads the text encoder's X, which no joint step moves). Also prints the distinct code tuples (a collapse shows as few) and how far live X moved.
 Session 8 on ml-100k, 150 steps, t5-tiny: live X moved 1.76x its norm; first codes changed 99.5%
 with live X; with the warm-up's X 82% at tower lr 2e-3 and 12% at 2e-5.
 """
@@ -36,7 +37,8 @@ def main():
     args = parser.parse_args()
     extra = eval(args.config)  # noqa: S307 - a benchmark's own command line
     config, _, trainer, train, _, _ = _prepare("TTDS", args.dataset, args.config_files.split(),
-                                               {"checkpoint_dir": args.checkpoint_dir, "show_progress": False, **extra})
+                                               {"checkpoint_dir": args.checkpoint_dir, "show_progress": False,
+                                                "ttds_text_source": "warmup", **extra})
     m = trainer.model
     m.train_stage("warmup", train, None, trainer.stage_config("warmup"))
     state = copy.deepcopy(m.state_dict())

@@ -7,8 +7,8 @@ Generator"). No public code exists; where the paper is silent the choice is ours
   as the recommender (``ttds_text_source: warmup`` or ``live``, below). The paper's LLM is
   pretrained; the tiny presets are randomly initialised and know no words, so their X carries
   almost nothing: on ml-100k the mutual information between the first codes of consecutive
-  training items was 0.046 nats from t5-tiny's X, 0.036 for random codes of the same size, 0.221
-  for TIGER's codes from the sentence encoder. ``ttds_text_source: encoder`` (our choice, the
+  training items was 0.048 nats from t5-tiny's X, 0.036 for random codes of the same size, 0.221
+  for TIGER's codes from the sentence encoder (``benchmarks/id_signal.py``). ``ttds_text_source: encoder`` (our choice, the
   default ``auto`` for a preset without pretrained weights) takes X from the packaged text encoder
   instead (TIGER's embeddings of the same texts, fixed), and L_ID maps the pooled LLM states into
   X's space with a linear ``x_head``; ``auto`` keeps the LLM's own X for ``llm_path`` and SmolLM2. Items: ``item_text_fields``. Users: ``user_text_fields`` of the ``.user``
