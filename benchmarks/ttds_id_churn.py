@@ -40,6 +40,8 @@ def main():
                                                {"checkpoint_dir": args.checkpoint_dir, "show_progress": False,
                                                 "ttds_text_source": "warmup", **extra})
     m = trainer.model
+    if m.text_source == "encoder":
+        parser.error("ttds_text_source must be warmup or live here: the text encoder's X never moves")
     m.train_stage("warmup", train, None, trainer.stage_config("warmup"))
     state = copy.deepcopy(m.state_dict())
     x0 = {k: m.text_targets(k) for k in ("item", "user") if m.tower(k) is not None}

@@ -1,5 +1,6 @@
 """TTDS: twin towers, DM-VAE losses, dynamic IDs, tasks and ablations, decoding, save/reload."""
 
+import copy
 import glob
 import os
 import re
@@ -186,6 +187,13 @@ def test_a_backbone_that_knows_no_words_reads_x_from_the_text_encoder(tmp_path, 
     codes = m.item_sid[1:, : m.M] - m.item_offset - torch.arange(m.M) * m.N
     assert torch.equal(codes, m.item_tower.get_codes(m.item_x[1:]))  # the IDs quantise it
     assert torch.equal(m.text_targets("item"), m.item_x[1:])  # and the joint losses read it, not the LLM
+
+
+def test_encoder_x_of_users_without_any_text_is_zero(tmp_path):
+    _, trainer, train, *_ = build(tmp_path, ttds_user_history_titles=0)  # no .user fields either
+    m = trainer.model
+    assert m.text_source == "encoder" and not any(m.user_text_strings)
+    assert m.user_x.shape[1] == m.item_x.shape[1] and not m.user_x.any()
 
 
 def test_towers_train_at_their_own_learning_rate_in_the_joint_stage(tmp_path):
@@ -441,15 +449,21 @@ def test_ttds_dm_has_no_dm_vae_at_all(tmp_path):
     assert "dm" not in m.last_losses
 
 
-def test_the_warmups_x_survives_a_stage_resume_and_is_what_the_joint_losses_read(tmp_path):
-    _, trainer, train, valid, _ = build(tmp_path)
+@pytest.mark.parametrize("source", ["warmup", "encoder"])
+def test_the_warmups_x_survives_a_stage_resume_and_is_what_the_joint_losses_read(tmp_path, source):
+    _, trainer, train, valid, _ = build(tmp_path, ttds_text_source=source)
     trainer.run_stages(train, valid)
     m = trainer.model
-    x, sids = m.item_x.clone(), m.item_sid.clone()
-    _, again, train2, valid2, _ = build(tmp_path)  # same settings: the stage file is loaded, not trained
-    again.run_stages(train2, valid2)
+    x, sids, head = m.item_x.clone(), m.item_sid.clone(), copy.deepcopy(m.x_head.state_dict())
+    _, again, train2, valid2, _ = build(tmp_path, ttds_text_source=source)  # the stage file is loaded
     m2 = again.model
-    assert bool(m2.x_ready) and torch.equal(m2.item_x, x) and torch.equal(m2.item_sid, sids)
+    assert m2._x_ready == (source == "encoder")  # warmup: X exists only once the stage has run or loaded
+    again.run_stages(train2, valid2)
+    assert bool(m2.x_ready) and m2._x_ready and torch.equal(m2.item_x, x) and torch.equal(m2.item_sid, sids)
+    assert all(torch.equal(v, m2.x_head.state_dict()[k]) for k, v in head.items())
+    if source == "encoder":  # the warm-up trained x_head, and the stage file kept it
+        assert head and not torch.equal(head["weight"], build(tmp_path / "fresh", ttds_text_source=source)[1]
+                                        .model.x_head.weight)
     assert m2.refresh_ids()["item_changed"] == 0
     batch = next(iter(train2))
     m2.train()

@@ -4,20 +4,22 @@ Generator"). No public code exists; where the paper is silent the choice is ours
 
 - **The LLM is its own text encoder** (Sec. 4.2.1, Eq. 6): X = masked mean of the backbone's last
   hidden states (T5: encoder; decoder-only: the stack) over an entity's text, same weights (+ LoRA)
-  as the recommender (``ttds_text_source: warmup`` or ``live``, below). The paper's LLM is
-  pretrained; the tiny presets are randomly initialised and know no words, so their X carries
-  almost nothing: on ml-100k the mutual information between the first codes of consecutive
-  training items was 0.048 nats from t5-tiny's X, 0.036 for random codes of the same size, 0.221
-  for TIGER's codes from the sentence encoder (``benchmarks/id_signal.py``). ``ttds_text_source: encoder`` (our choice, the
-  default ``auto`` for a preset without pretrained weights) takes X from the packaged text encoder
-  instead (TIGER's embeddings of the same texts, fixed), and L_ID maps the pooled LLM states into
-  X's space with a linear ``x_head``; ``auto`` keeps the LLM's own X for ``llm_path`` and SmolLM2. Items: ``item_text_fields``. Users: ``user_text_fields`` of the ``.user``
-  file when given, then the titles (first ``item_text_fields`` column) of the user's last
-  ``ttds_user_history_titles`` TRAINING items (paper: comments/queries/profile, which ml-100k lacks;
-  our choice). With ``llm_path`` the backbone's tokenizer reads the text; the tiny presets have no
-  vocabulary, so text words are hashed (md5) into ``ttds_text_vocab`` extra tokens of the backbone
-  (our choice: the backbone still encodes the text itself; with ``encoder`` the hashed words are
-  read only in the instructions).
+  as the recommender (``ttds_text_source: warmup`` or ``live``, below). Items:
+  ``item_text_fields``. Users: ``user_text_fields`` of the ``.user`` file when given, then the
+  titles (first ``item_text_fields`` column) of the user's last ``ttds_user_history_titles``
+  TRAINING items (paper: comments/queries/profile, which ml-100k lacks; our choice). With
+  ``llm_path`` the backbone's tokenizer reads the text; the tiny presets have no vocabulary, so
+  text words are hashed (md5) into ``ttds_text_vocab`` extra tokens of the backbone (our choice).
+- **X for a backbone that knows no words** (our choice): the paper's LLM is pretrained; the tiny
+  presets are randomly initialised, so their X carries almost nothing. On ml-100k the mutual
+  information between the first codes of consecutive training items was 0.048 nats from t5-tiny's
+  X (0.028 with the same codes shuffled across items), 0.221 (0.011) for TIGER's codes
+  (``benchmarks/id_signal.py``). ``ttds_text_source: encoder`` takes X from the packaged text
+  encoder instead (TIGER's embeddings of the same texts, fixed; 0.170 nats, shuffled 0.028), and
+  L_ID maps the pooled LLM states into X's space with a linear ``x_head``; the hashed words are
+  then read only in the instructions. ``auto`` (default): ``encoder`` on a preset without
+  pretrained weights, ``warmup`` with ``llm_path``, SmolLM2 or the LSH indexer (both LSH ablations
+  hash the backbone's X).
 - **Twin towers** (Sec. 4.2.2, Eq. 7, 10, 11): an item and a user tower, each an MLP encoder
   (paper d-2048-1024-512-256, here ``ttds_tower_hidden`` -> ``ttds_code_dim``) and M residual
   codebooks of N codes, nearest code by squared Euclidean distance (:class:`quantize.rq_vae.RQVAE`
@@ -132,10 +134,10 @@ class TTDS(GenerativeRecommender):
         pretrained = bool(config["llm_path"]) or config["llm_preset"] == "smollm2-135m"
         self.text_source = self.option(config, "ttds_text_source", TEXT_SOURCES) if config["ttds_text_source"] \
             else "warmup"
-        if self.text_source == "auto":
-            self.text_source = "warmup" if pretrained else "encoder"
         self.tower_lr = self.optional_float(config, "ttds_tower_learning_rate")
         self.indexer = self.option(config, "ttds_indexer", ("rq", "lsh", "random"))
+        if self.text_source == "auto":  # LSH: both ablations hash the backbone's X (TT-DLSH reads it live)
+            self.text_source = "warmup" if pretrained or self.indexer == "lsh" else "encoder"
         self.token_embedding = self.option(config, "ttds_token_embedding", ("codeword", "free"))
         if self.indexer != "rq":
             self.token_embedding = "free"  # no codebook to project
@@ -194,8 +196,11 @@ class TTDS(GenerativeRecommender):
         self.register_buffer("item_text_ids", self.tokenize(item_texts, max_len), persistent=False)
         self.register_buffer("user_text_ids", self.tokenize(user_texts, max_len), persistent=False)
         # X of the text encoder (ttds_text_source: encoder), rows 0..n; its width dx is the towers' input
-        encoded = {"item": self.encoder_x(config, item_texts), "user": self.encoder_x(config, user_texts)} \
-            if self.text_source == "encoder" else None
+        encoded = None
+        if self.text_source == "encoder":
+            encoded = {"item": self.encoder_x(config, item_texts)}
+            if self.use_user:
+                encoded["user"] = self.encoder_x(config, user_texts, width=encoded["item"].shape[1])
         dx = encoded["item"].shape[1] if encoded else d
 
         # ----- twin towers and ID-token embeddings -----
@@ -216,7 +221,7 @@ class TTDS(GenerativeRecommender):
         # LSH: fixed random hyperplanes, log2(N) sign bits per level
         bits = int(math.log2(self.N)) if self.N > 1 else 1
         g = torch.Generator().manual_seed(int(config["seed"]))
-        lsh_dim = d if self.dynamic else dx  # TT-DLSH reads live X (text_targets)
+        lsh_dim = d if self.dynamic and not encoded else dx  # TT-DLSH reads the backbone's live X (text_targets)
         self.register_buffer("lsh_planes", torch.randn(self.M, bits, lsh_dim, generator=g), persistent=False)
 
         # ----- history-derived data: training interactions only -----
@@ -237,7 +242,7 @@ class TTDS(GenerativeRecommender):
         self.register_buffer("x_ready", torch.zeros((), dtype=torch.bool))
         self._x_ready = False  # mirrors x_ready: no device sync per batch
         if encoded:
-            self.keep_text_targets({k: v[1:] for k, v in encoded.items() if k == "item" or self.use_user})
+            self.keep_text_targets({k: v[1:] for k, v in encoded.items()})
 
         # ----- code tables: token ids [n, M + 1], saved with every checkpoint -----
         self.register_buffer("item_sid", torch.zeros(self.n_items, self.M + 1, dtype=torch.long))
@@ -396,15 +401,17 @@ class TTDS(GenerativeRecommender):
         return torch.cat(out).float()
 
     @staticmethod
-    def encoder_x(config, texts) -> torch.Tensor:
+    def encoder_x(config, texts, width: int | None = None) -> torch.Tensor:
         """X from the text encoder (``ttds_text_source: encoder``): ``[len(texts), dx]`` sentence
         embeddings (cached on disk, as TIGER's), scaled from unit norm to unit mean square per
         dimension, the scale of a T5 / RMS-normed LLM state, so L_ID weighs as it would on the LLM's
-        own X. Empty texts get a zero row."""
+        own X. Empty texts get a zero row (all empty: ``width`` zeros each)."""
         encoder = TextEncoder(config["text_encoder_path"], max_length=config["text_encoder_max_length"],
                               batch_size=config["text_encoder_batch_size"])
         emb = item_text_embeddings(texts, os.path.join(config["checkpoint_dir"], "text_emb"), encoder,
                                    show_progress=config["show_progress"])
+        if emb.shape[1] == 0:
+            return torch.zeros(len(texts), width or 0)
         return torch.from_numpy(emb).float() * math.sqrt(emb.shape[1])
 
     @staticmethod
@@ -421,14 +428,16 @@ class TTDS(GenerativeRecommender):
     def text_targets(self, kind: str, index: torch.Tensor | None = None) -> torch.Tensor:
         """X (Eq. 6) of the entities ``index`` (default: all, row 0 excluded) of one tower.
 
-        ``ttds_text_source: warmup`` (default; our choice): X as the backbone computed it at the end
-        of the warm-up, kept in ``item_x`` / ``user_x``, the analogue of the paper's frozen LLaMA
-        base under LoRA (Sec. 5.1.4). ``live``: the current backbone. Measured on ml-100k (t5-tiny,
-        full fine-tuning, Adam 2e-3): after 150 joint steps live X had moved by 1.76x its own norm
-        and 99.5% of the items' first codes changed with the towers untouched, so every epoch's
-        refresh handed the recommender new IDs. Dynamic LSH (TT-DLSH) always reads live X: its
-        hyperplanes are fixed, so X is all that can move its IDs."""
-        if self.text_source == "live" or (self.indexer == "lsh" and self.dynamic) or not self._x_ready:
+        ``ttds_text_source: warmup`` (``auto`` with a pretrained backbone; our choice): X as the
+        backbone computed it at the end of the warm-up, kept in ``item_x`` / ``user_x``, the analogue
+        of the paper's frozen LLaMA base under LoRA (Sec. 5.1.4). ``live``: the current backbone.
+        Measured on ml-100k (t5-tiny, full fine-tuning, Adam 2e-3): after 150 joint steps live X had
+        moved by 1.76x its own norm and 99.5% of the items' first codes changed with the towers
+        untouched, so every epoch's refresh handed the recommender new IDs. Dynamic LSH (TT-DLSH)
+        reads the backbone's live X: its hyperplanes are fixed, so X is all that can move its IDs.
+        ``encoder``: the text encoder's X, stored in ``__init__`` and never moved."""
+        if self.text_source != "encoder" and (self.text_source == "live" or (self.indexer == "lsh" and self.dynamic)
+                                              or not self._x_ready):
             text_ids = self.item_text_ids if kind == "item" else self.user_text_ids
             return self.text_repr(text_ids[1:] if index is None else text_ids[index])
         x = self.item_x if kind == "item" else self.user_x
@@ -637,9 +646,10 @@ class TTDS(GenerativeRecommender):
             # a checkpoint from before X was stored: it trained on live X, which it keeps reading
             own = self.state_dict()
             state_dict = {**state_dict, **{k: torch.zeros_like(own[k]) for k in ("item_x", "user_x", "x_ready")}}
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self._x_ready = bool(self.x_ready)
-        return result
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:  # a failed strict load may still have copied x_ready
+            self._x_ready = bool(self.x_ready)
 
     # ----- prompts and the seq2seq loss (Eq. 8-9) ----------------------------------------------
     def _words(self, name, batch):
