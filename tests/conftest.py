@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -45,3 +46,13 @@ def split_words(text):
     from tokenizers import pre_tokenizers
 
     return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-identical CPU results need one thread: on a 2-core AMD EPYC (torch's MKL build) two
+    2-thread runs differed in the last bits and swapped near-tied items (test_determinism.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

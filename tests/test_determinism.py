@@ -74,13 +74,7 @@ def run(model, folder, **extra):
                               {"checkpoint_dir": str(folder), **COMMON, **FAST[model], **extra}, saved=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bit-identity is a one-thread property on CPU (module docstring)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identity is a one-thread property on CPU
 
 
 def numbers(result):

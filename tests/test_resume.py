@@ -211,7 +211,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     assert os.path.exists(live)
 
 
-def test_truncated_text_cache_and_stage_file_are_rebuilt(tmp_path, caplog):
+def test_truncated_text_cache_and_stage_file_are_rebuilt(tmp_path, caplog, one_thread):
     saved = tmp_path / "saved"
     config = {"checkpoint_dir": str(saved), "epochs": 1, **SMALL["SETRec"]}
     first = run_recbole_genrec("SETRec", "genrec-tiny", [TINY_YAML], dict(config), saved=False)
