@@ -335,9 +335,10 @@ def test_sinkhorn_survives_a_wide_cost_range():
     assert torch.equal(plan.argmax(1), best)  # the assignment follows the costs
 
 
-def test_letter_regularisers_act_through_their_gradients(tmp_path, monkeypatch):
+def test_letter_regularisers_act_through_their_gradients(tmp_path, monkeypatch, one_thread):
     """Each regulariser changes the codes through its gradient alone: the same run with the
-    regulariser's value detached (same RNG consumption, zero gradient) equals the run without it."""
+    regulariser's value detached (same RNG consumption, zero gradient) equals the run without it
+    (bit for bit, so at one thread: see ``one_thread``)."""
     base = _letter_tokenizer(tmp_path / "a", 0.0, 0.0)
 
     def detached(name):
