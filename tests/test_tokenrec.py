@@ -329,3 +329,43 @@ def test_the_cf_stage_gets_its_own_patience_and_the_runs_metrics(tmp_path, monke
     model = build(tmp_path, cf_stopping_step=3, valid_metric="Recall@10", topk=[3, 10])[0]
     model.train_stage("cf", None, None, CF_STAGE)
     assert seen == [("LightGCN", 3, "Recall@10", [3, 10], 2)]
+
+
+@pytest.mark.parametrize("loss", ["cosine", "softmax"])
+def test_each_loss_is_its_formula_and_trains_the_projection(tmp_path, loss):
+    """``cosine`` is Eq. 20 with the sampled negative and margin gamma; ``softmax`` (our departure)
+    is a cross-entropy over every item's Eq. 19 cosine / tau, the sampled negative unused. Both
+    reach the projection MLP, and a few steps on one batch lower them."""
+    import torch.nn.functional as F
+
+    model, train, *_ = build(tmp_path, tokenrec_loss=loss, tokenrec_tau=0.2, gamma=0.1)
+    random_codes(model)
+    model.item_emb.copy_(torch.randn(model.item_emb.shape, generator=torch.Generator().manual_seed(1)))
+    model.eval()  # no dropout, no history shuffle: the same z in both computations
+    batch = next(iter(train))
+    value = model.calculate_loss(batch)
+    z = model.user_representation(batch)
+    target, negative = batch[model.POS_ITEM_ID], batch[model.NEG_ITEM_ID]
+    if loss == "softmax":
+        cos = F.normalize(z, dim=-1) @ F.normalize(model.item_emb[1:], dim=-1).T  # items 1..n, no padding
+        expected = F.cross_entropy(cos / 0.2, target - 1)
+    else:
+        pos = F.cosine_similarity(z, model.item_emb[target], dim=-1)
+        neg = F.cosine_similarity(z, model.item_emb[negative], dim=-1)
+        expected = (1 - pos).mean() + (neg - 0.1).clamp(min=0).mean()
+    assert torch.allclose(value, expected, atol=1e-5)
+    value.backward()
+    assert model.proj[0].weight.grad.abs().sum() > 0
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(15):
+        optimizer.zero_grad()
+        model.calculate_loss(batch).backward()
+        optimizer.step()
+    assert model.calculate_loss(batch).item() < value.item() - 0.05
+
+
+def test_a_bad_loss_option_names_itself(tmp_path):
+    with pytest.raises(ValueError, match="tokenrec_loss"):
+        build(tmp_path, tokenrec_loss="hinge")
+    with pytest.raises(ValueError, match="tokenrec_tau"):
+        build(tmp_path, tokenrec_loss="softmax", tokenrec_tau=0)

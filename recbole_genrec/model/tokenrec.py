@@ -17,7 +17,9 @@ Stages:
   the last hidden state for decoder-only backbones; a three-layer MLP projects it to ``z`` in the
   LightGCN space (Eq. 18) and every item is scored by cosine similarity (Eq. 19). The loss is the
   cosine embedding loss of Eq. 20 with negatives from RecBole's sampler (1:1 by default) and margin
-  ``gamma``. No autoregressive decoding: ``full_sort_predict`` returns all cosine scores and
+  ``gamma``; ``tokenrec_loss: softmax`` (our departure, for comparison: see
+  ``benchmarks/tokenrec_space.py``) replaces it with a cross-entropy over the Eq. 19 cosines of all
+  items divided by ``tokenrec_tau``. No autoregressive decoding: ``full_sort_predict`` returns all cosine scores and
   :meth:`retrieve` gives the same top-k through a faiss index.
 """
 
@@ -74,6 +76,11 @@ class TokenRec(GenerativeRecommender):
         if self.prompt not in ("user", "user_history"):
             raise ValueError(f"tokenrec_prompt must be 'user' (prompt 1) or 'user_history' (prompt 2), got {self.prompt!r}")
         self.gamma = config["gamma"]
+        self.loss_kind, self.tau = config["tokenrec_loss"] or "cosine", config["tokenrec_tau"]
+        if self.loss_kind not in ("cosine", "softmax"):
+            raise ValueError(f"tokenrec_loss must be 'cosine' (Eq. 20) or 'softmax', got {self.loss_kind!r}")
+        if self.loss_kind == "softmax" and not (isinstance(self.tau, (int, float)) and self.tau > 0):
+            raise ValueError(f"tokenrec_tau must be a positive number with tokenrec_loss: softmax, got {self.tau!r}")
         self.n_users = dataset.user_num
         self.USER_ID = config["USER_ID_FIELD"]
         self.id_tokens = {f: dataset.field2id_token[f] for f in (self.USER_ID, self.ITEM_ID)}
@@ -380,13 +387,21 @@ class TokenRec(GenerativeRecommender):
         z = self.user_representation(interaction, shuffle=self.training)
         if len(z) == 0:
             return self.proj[0].weight.sum() * 0.0
-        pos = F.cosine_similarity(z, self.item_emb[interaction[self.POS_ITEM_ID]], dim=-1)
+        target = interaction[self.POS_ITEM_ID]
+        if self.loss_kind == "softmax":  # every item is a negative; the sampled one is not used
+            logits = self.cosine_scores(z) / self.tau
+            logits[:, 0] = float("-inf")  # the padding item
+            return F.cross_entropy(logits, target)
+        pos = F.cosine_similarity(z, self.item_emb[target], dim=-1)
         neg = F.cosine_similarity(z, self.item_emb[interaction[self.NEG_ITEM_ID]], dim=-1)
         return (1 - pos).mean() + (neg - self.gamma).clamp(min=0).mean()  # Eq. 20
 
+    def cosine_scores(self, z):
+        """Eq. 19 for every item: ``[B, n_items]``."""
+        return F.normalize(z, dim=-1) @ F.normalize(self.item_emb, dim=-1).T
+
     def full_sort_predict(self, interaction):
-        z = F.normalize(self.user_representation(interaction), dim=-1)
-        return z @ F.normalize(self.item_emb, dim=-1).T  # Eq. 19 for every item
+        return self.cosine_scores(self.user_representation(interaction))
 
     def predict(self, interaction):
         z = self.user_representation(interaction)
