@@ -369,3 +369,6 @@ def test_a_bad_loss_option_names_itself(tmp_path):
         build(tmp_path, tokenrec_loss="hinge")
     with pytest.raises(ValueError, match="tokenrec_tau"):
         build(tmp_path, tokenrec_loss="softmax", tokenrec_tau=0)
+    for tau in (True, float("inf")):  # (a string from the command line or config_dict is evaluated by RecBole)
+        with pytest.raises(ValueError, match="tokenrec_tau"):
+            build(tmp_path, tokenrec_loss="softmax", tokenrec_tau=tau)

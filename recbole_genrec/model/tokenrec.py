@@ -26,6 +26,7 @@ Stages:
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 
@@ -79,7 +80,8 @@ class TokenRec(GenerativeRecommender):
         self.loss_kind, self.tau = config["tokenrec_loss"] or "cosine", config["tokenrec_tau"]
         if self.loss_kind not in ("cosine", "softmax"):
             raise ValueError(f"tokenrec_loss must be 'cosine' (Eq. 20) or 'softmax', got {self.loss_kind!r}")
-        if self.loss_kind == "softmax" and not (isinstance(self.tau, (int, float)) and self.tau > 0):
+        if self.loss_kind == "softmax" and not (isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool)
+                                                and math.isfinite(self.tau) and self.tau > 0):
             raise ValueError(f"tokenrec_tau must be a positive number with tokenrec_loss: softmax, got {self.tau!r}")
         self.n_users = dataset.user_num
         self.USER_ID = config["USER_ID_FIELD"]
