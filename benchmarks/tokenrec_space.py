@@ -33,34 +33,32 @@ import recbole_genrec  # noqa: E402,F401
 from recbole_genrec.quick_start import _prepare  # noqa: E402
 
 
-def rows_of(config, inter, history):
-    """``users [N]``, ``items [N, history]`` (the last ``history`` items, left-padded), ``targets [N]``."""
-    seq, length = inter[config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"]], inter[config["ITEM_LIST_LENGTH_FIELD"]]
-    pos = length.unsqueeze(1) - history + torch.arange(history)
-    items = seq.gather(1, pos.clamp(min=0)) * (pos >= 0)
-    return inter[config["USER_ID_FIELD"]], items, inter[config["ITEM_ID_FIELD"]]
+def rows_of(model, inter, history):
+    """``users [N]``, ``items [N, history]`` (the last ``history`` items, 0 where there are fewer),
+    ``targets [N]``."""
+    items, _ = model.last_items(inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN], history)
+    return inter[model.USER_ID], items, inter[model.ITEM_ID]
 
 
-def test_rows(config, test_data, history):
+def test_rows(model, test_data, history):
     """The test users' rows: history (train + valid items), and the held-out item."""
     users, items, targets, lists = [], [], [], []
     for interaction, _, positive_u, positive_i in test_data:
-        u, h, _ = rows_of(config, interaction, history)
+        u, h, _ = rows_of(model, interaction, history)
         target = torch.zeros(len(u), dtype=torch.long)
         target[positive_u] = positive_i
         users.append(u), items.append(h), targets.append(target)
-        lists.append(interaction[config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"]])
+        lists.append(interaction[model.ITEM_SEQ])
     return torch.cat(users), torch.cat(items), torch.cat(targets), torch.cat(lists)
 
 
-def past_items(config, inter, test_users, test_lists, n_users, n_items):
+def past_items(model, inter, test_users, test_lists, n_users, n_items):
     """``[n_users, n_items]``: every item a user rated before the test item (the training rows'
     lists and targets, which cover the whole training sequence, and the test row's list, which
     ends with the validation item)."""
     seen = torch.zeros(n_users, n_items, dtype=torch.bool)
-    users = inter[config["USER_ID_FIELD"]]
-    lists = inter[config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"]]
-    seen[users, inter[config["ITEM_ID_FIELD"]]] = True
+    users, lists = inter[model.USER_ID], inter[model.ITEM_SEQ]
+    seen[users, inter[model.ITEM_ID]] = True
     seen[users.unsqueeze(1).expand_as(lists), lists] = True
     seen[test_users.unsqueeze(1).expand_as(test_lists), test_lists] = True
     seen[:, 0] = False
@@ -125,9 +123,9 @@ def main():
         valid = (items > 0).float().unsqueeze(-1)
         return torch.cat([users_emb[users], (items_emb[items] * valid).sum(1) / valid.sum(1).clamp(min=1)], -1)
 
-    tr_users, tr_items, tr_targets = rows_of(config, train._dataset.inter_feat, history)
-    te_users, te_items, te_targets, te_lists = test_rows(config, test, history)
-    seen = past_items(config, train._dataset.inter_feat, te_users, te_lists, users_emb.shape[0], n_items)[te_users]
+    tr_users, tr_items, tr_targets = rows_of(m, train._dataset.inter_feat, history)
+    te_users, te_items, te_targets, te_lists = test_rows(m, test, history)
+    seen = past_items(m, train._dataset.inter_feat, te_users, te_lists, users_emb.shape[0], n_items)[te_users]
     popularity = torch.bincount(tr_targets, minlength=n_items).float()
     results = [
         ("most popular", popularity.expand(len(te_users), -1)),

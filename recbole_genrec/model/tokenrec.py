@@ -77,11 +77,12 @@ class TokenRec(GenerativeRecommender):
         if self.prompt not in ("user", "user_history"):
             raise ValueError(f"tokenrec_prompt must be 'user' (prompt 1) or 'user_history' (prompt 2), got {self.prompt!r}")
         self.gamma = config["gamma"]
-        self.loss_kind, self.tau = config["tokenrec_loss"] or "cosine", config["tokenrec_tau"]
-        if self.loss_kind not in ("cosine", "softmax"):
-            raise ValueError(f"tokenrec_loss must be 'cosine' (Eq. 20) or 'softmax', got {self.loss_kind!r}")
-        if self.loss_kind == "softmax" and not (isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool)
-                                                and math.isfinite(self.tau) and self.tau > 0):
+        # a config without the key (an older checkpoint's) means Eq. 20
+        self.loss_kind = self.option(config, "tokenrec_loss", ("cosine", "softmax")) if config["tokenrec_loss"] \
+            else "cosine"
+        self.tau = config["tokenrec_tau"]
+        if self.loss_kind == "softmax" and not (
+                isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool) and 0 < self.tau < math.inf):
             raise ValueError(f"tokenrec_tau must be a positive number with tokenrec_loss: softmax, got {self.tau!r}")
         self.n_users = dataset.user_num
         self.USER_ID = config["USER_ID_FIELD"]
