@@ -118,10 +118,11 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
     ``<checkpoint_dir>/runs/``; ``reuse_runs`` takes a model's result from the record of an earlier
     run with the same config, data and code instead of training it again, so long runs can be done
     one model at a time (in separate processes) and tabulated together. ``records_only`` trains
-    nothing: the table holds the runs that have a record, and ``report.md`` lists the ones missing.
+    nothing: the table holds the runs that have a record, and ``report.md`` lists the ones missing
+    (with the validation curve so far of those that are training with ``--resume=True``).
     """
     from recbole_genrec.evaluation.protocols import each_run, model_list, parse_seeds, store, train_and_test
-    from recbole_genrec.evaluation.records import require_some
+    from recbole_genrec.evaluation.records import note_missing, require_some
     from recbole_genrec.evaluation.report import build_report, require_matplotlib, write_seed_table
 
     models, seeds = model_list(models), parse_seeds(seeds)
@@ -134,12 +135,12 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
         # RecBole's general models default to a random 8:1:1 split, its sequential ones to
         # leave-one-out: one protocol for all makes the table comparable.
         config_dict["eval_args"] = dict(SHARED_EVAL_ARGS)
-    results, rows, runs, missing = {}, [], [], []
+    results, rows, runs, missing, in_training = {}, [], [], [], []
     for label, spec, name, run_config in each_run(models, config_dict, seeds):
         result = train_and_test(name, dataset, config_file_list, run_config, saved=saved, label=label,
                                 reuse_runs=reuse_runs, records_only=records_only)
         if result is None:
-            missing.append((spec, run_config.get("seed")))
+            note_missing(missing, in_training, spec, name, dataset, config_file_list, run_config)
             continue
         store(results, spec, seeds, result["seed"], result)
         rows.append({"model": spec, "seed": result["seed"], **result["test_result"],
@@ -150,7 +151,8 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
     title, stem = f"{dataset}: test results", f"compare-{dataset}"
     table, summaries = write_seed_table(rows, ("model",), output_dir, stem, title)
     if report_dir:
-        build_report(report_dir, title, table, stem, summaries, runs, label=dataset, missing=missing)
+        build_report(report_dir, title, table, stem, summaries, runs, label=dataset, missing=missing,
+                     in_training=in_training)
     return results
 
 

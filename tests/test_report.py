@@ -242,6 +242,45 @@ def test_warm_cold_runs_leave_records_and_reuse_them(tmp_path, monkeypatch):
     assert prepared == []
 
 
+def test_records_only_report_shows_the_curve_so_far_of_a_run_in_training(tmp_path):
+    """A run with no record but a ``.last`` checkpoint (``--resume=True``, training or killed) is
+    listed under the table with its validation curve so far, read from that checkpoint; a run of
+    another config, with no ``.last`` of its own, is only named as missing."""
+    import json
+
+    config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 2, "resume": True}
+    first = compare("SASRec,LightGCN", "genrec-tiny", [TINY_YAML], config, output_dir=str(tmp_path / "a"))
+    (record,) = (tmp_path / "saved" / "runs").glob("LightGCN-*.json")
+    curve = json.loads(record.read_text())["result"]["valid_curve"]
+    assert [e for e, _ in curve] == [0, 1] and first["LightGCN"]["valid_curve"] == [tuple(p) for p in curve]
+    record.unlink()  # LightGCN is now a run that has trained 2 epochs and has no record yet
+
+    report_config = {k: v for k, v in config.items() if k != "resume"}  # the report command trains nothing
+    compare("SASRec,LightGCN,LightGCN[learning_rate=0.01]", "genrec-tiny", [TINY_YAML], report_config,
+            report_dir=str(tmp_path / "rep"), records_only=True)
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "LightGCN (default seed), LightGCN[learning_rate=0.01] (default seed)" in text
+    rows = [row for row in _md_table_after(text, "Training now") if row]
+    assert len(rows) == 1 and rows[0]["model"] == "LightGCN" and rows[0]["epochs done"] == "2"
+    assert rows[0]["validation score by epoch, from 0"] == ", ".join(f"{s:.4f}" for _, s in curve)
+    best = max(s for _, s in curve)
+    assert rows[0]["best validation score so far"] == f"NDCG@10 {best:.4f} (epoch {[s for _, s in curve].index(best)})"
+
+
+def _md_table_after(text: str, marker: str) -> list[dict]:
+    """The rows of the first markdown table after the line starting with ``marker``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(marker))
+    table = []
+    for line in lines[start + 1:]:
+        if line.startswith("|"):
+            table.append(line)
+        elif table:
+            break
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in table[2:]]
+
+
 def test_splice_report_replaces_only_the_marked_section(tmp_path):
     (tmp_path / "rep").mkdir()
     (tmp_path / "rep" / "report.md").write_text(

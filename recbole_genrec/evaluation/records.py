@@ -85,6 +85,47 @@ def find_record(model, dataset, config_file_list, config_dict, protocol: str = "
     return config, path, read_record(path)
 
 
+def training_progress(model, dataset, config_file_list, config_dict, protocol: str = "leave_one_out") -> dict | None:
+    """How far the resumable run (``--resume=True``) of this config, data and code has trained, read
+    from its ``.last`` checkpoint: ``{epochs, stopped, valid_metric, valid_curve, best_valid_score,
+    best_epoch, updated, path}``, or ``None`` when it has none (or it cannot be read). Nothing is
+    written or removed: a report may read the checkpoint of a run that is training."""
+    import datetime
+
+    from recbole_genrec.compat import safe_torch_load
+    from recbole_genrec.trainer.staged import LAST_FORMAT, LAST_SUFFIX, run_checkpoint_file
+
+    config, _, _ = find_record(model, dataset, config_file_list,
+                               {**config_dict, "resume": True, "resume_checkpoint": None}, protocol=protocol)
+    path = run_checkpoint_file(config)[0] + LAST_SUFFIX
+    if not os.path.isfile(path):
+        return None
+    try:
+        state = safe_torch_load(path, map_location="cpu")
+        if state.get("format") != LAST_FORMAT:
+            return None
+        curve = [(int(e), float(s)) for e, s in state["valid_curve"]]
+        best = float(state["best_valid_score"])
+        updated = datetime.datetime.fromtimestamp(os.path.getmtime(path)).astimezone()
+    except Exception:  # noqa: BLE001 - a report lists what it can read and skips the rest
+        return None
+    best_epoch = next((e for e, s in curve if s == best), None)
+    return {"epochs": int(state["epoch"]) + 1, "stopped": bool(state["stopped"]), "valid_metric": config["valid_metric"],
+            "valid_curve": curve, "best_valid_score": best, "best_epoch": best_epoch,
+            "updated": updated.isoformat(timespec="minutes"), "path": path}
+
+
+def note_missing(missing: list, in_training: list, spec: str, model, dataset, config_file_list, config_dict,
+                 protocol: str = "leave_one_out") -> None:
+    """``records_only``: add a run with no record to ``missing`` (``(spec, seed)``) and, when it is
+    training or was stopped mid-way, its :func:`training_progress` to ``in_training``."""
+    seed = config_dict.get("seed")
+    missing.append((spec, seed))
+    progress = training_progress(model, dataset, config_file_list, config_dict, protocol)
+    if progress is not None:
+        in_training.append({"model": spec, "seed": seed, **progress})
+
+
 def log_missing(label: str, path: str) -> None:
     """``records_only``: one warning per run that has no record (it is left out of the table)."""
     from logging import getLogger

@@ -484,11 +484,13 @@ def machine() -> dict:
 
 def write_report(report_dir: str, title: str, table: str, table_stem: str, images: list[tuple[str, str]],
                  seeds: list, runs: list[dict] | None = None, missing=(), versus: list[str] = (),
-                 per_user_targets: bool = False) -> str:
+                 per_user_targets: bool = False, in_training=()) -> str:
     """``report.md``: the table, the images (``(heading, path)``, embedded by relative path), the
     exact command, git commit, package versions and machine, and each run's own command, commit
     and date (a run reused from its record was trained by another command). ``missing``: runs asked
-    for that have no record at this code state (``--records_only``), listed under the table."""
+    for that have no record at this code state (``--records_only``), listed under the table;
+    ``in_training``: the progress of those with a ``.last`` checkpoint
+    (:func:`~recbole_genrec.evaluation.records.training_progress`), their curves so far in a table."""
     lines = [f"# {title}", "",
              f"- command: `{shlex.join([os.path.basename(sys.executable), *sys.argv])}`",
              f"- git commit: `{git_commit()}`",
@@ -512,6 +514,8 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
 
         lines += ["", "Not in the table (no run record at this commit's config, data and code yet): "
                   + format_missing(missing) + ".", ""]
+    if in_training:
+        lines += in_training_table(in_training)
     for heading, path in images:
         rel = os.path.relpath(path, report_dir).replace(os.sep, "/")
         lines += [f"## {heading}", "", f"![{heading}]({rel})", ""]
@@ -534,14 +538,29 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
     return path
 
 
+def in_training_table(in_training) -> list[str]:
+    """Markdown lines: each unfinished run's validation curve so far, labelled as not a result."""
+    lines = ["Training now or stopped mid-way (read from each run's `.last` checkpoint when this report was "
+             "made; not results: the runs go on with `--resume=True`):", "",
+             "| model | seed | epochs done | best validation score so far | last epoch written | "
+             "validation score by epoch, from 0 |", "|---|---|---|---|---|---|"]
+    for run in in_training:
+        best = "" if run["best_epoch"] is None else f"{run['best_valid_score']:.4f} (epoch {run['best_epoch']})"
+        done = f"{run['epochs']}" + (" (stopped early, not tested yet)" if run["stopped"] else "")
+        curve = ", ".join(f"{score:.4f}" for _, score in run["valid_curve"])
+        lines.append(f"| {run['model']} | {run['seed']} | {done} | {run['valid_metric']} {best} | {run['updated']} | "
+                     f"{curve} |")
+    return lines + [""]
+
+
 def build_report(report_dir: str, title: str, table: str, table_stem: str, summaries: list[dict],
                  runs: list[dict], group_key: str | None = None, label: str | None = None, missing=(),
-                 per_user_targets: bool = False) -> str:
+                 per_user_targets: bool = False, in_training=()) -> str:
     """Every plot of a run plus ``report.md``. ``summaries`` from :func:`write_seed_table`, ``runs``
     one dict per (model, seed) with ``model``, ``seed``, ``valid_curve``, ``valid_metric``,
     ``test_time_s`` and ``n_test_users``; ``group_key`` (``targets`` / ``users``) draws the group
-    panels instead of the plain test-metric bars; ``label`` starts the plot titles; ``missing``
-    and ``per_user_targets`` (see :func:`write_report`, :func:`history_masking_note`)."""
+    panels instead of the plain test-metric bars; ``label`` starts the plot titles; ``missing``,
+    ``in_training`` and ``per_user_targets`` (see :func:`write_report`, :func:`history_masking_note`)."""
     os.makedirs(report_dir, exist_ok=True)
     out = lambda name: os.path.join(report_dir, f"{table_stem}-{name}.png")  # noqa: E731
     label = label or table_stem
@@ -558,7 +577,8 @@ def build_report(report_dir: str, title: str, table: str, table_stem: str, summa
         runs, out("inference_time"), f"{label}: inference time per test user")))
     seeds = list(dict.fromkeys(r.get("seed") for r in runs))
     versus = versus_baseline(summaries, runs, group_key)
-    return write_report(report_dir, title, table, table_stem, images, seeds, runs, missing, versus, per_user_targets)
+    return write_report(report_dir, title, table, table_stem, images, seeds, runs, missing, versus, per_user_targets,
+                        in_training)
 
 
 # ----- the README's Results section ------------------------------------------------------------
