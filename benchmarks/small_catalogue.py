@@ -10,7 +10,8 @@ films at least ``--min_item_count`` (3) of them rated (1,063 films, 20,676 ratin
 on it as the held-back check does: leave-one-out in time order, full ranking, seed 2020, early
 stopping on validation NDCG@10 with patience 5, and prints test recall@10 beside chance (10 / the
 number of films). Runs are resumable and recorded (``--checkpoint_dir``, default
-``saved/small-catalogue``; the data under ``--out``, default ``saved/small-catalogue/data``): run the same command again to continue or to print the table again.
+``saved/small-catalogue``; the data under ``--out``, default ``saved/small-catalogue/data``): run
+the same command again to continue or to print the table again.
 """
 
 import argparse
