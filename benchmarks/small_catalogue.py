@@ -24,11 +24,13 @@ sys.path.insert(0, ROOT)
 import recbole_genrec  # noqa: E402,F401
 from recbole_genrec.atomic import atomic_write_text  # noqa: E402
 
-NAME = "ml-100k-201u"
+def dataset_name(n_users: int = 201, min_item_count: int = 3, user_seed: int = 0) -> str:
+    """``ml-100k-201u`` for the defaults; other settings are named in full (their own folder)."""
+    return f"ml-100k-{n_users}u" + ("" if (min_item_count, user_seed) == (3, 0) else f"-min{min_item_count}-s{user_seed}")
 
 
 def build(out: str, n_users: int = 201, min_item_count: int = 3, user_seed: int = 0) -> dict:
-    """Write ``out/NAME/NAME.{inter,item}`` (atomically); return their sizes."""
+    """Write ``out/<name>/<name>.{inter,item}`` (atomically; :func:`dataset_name`); return their sizes."""
     import numpy as np
     import pandas as pd
     import recbole
@@ -41,10 +43,12 @@ def build(out: str, n_users: int = 201, min_item_count: int = 3, user_seed: int 
     inter = inter[inter["item_id:token"].isin(counts[counts >= min_item_count].index)]
     items = pd.read_csv(os.path.join(source, "ml-100k.item"), sep="\t", dtype=str, keep_default_na=False)
     items = items[items["item_id:token"].isin(set(inter["item_id:token"]))]
-    folder = os.path.join(out, NAME)
-    os.makedirs(folder, exist_ok=True)
-    atomic_write_text(os.path.join(folder, f"{NAME}.inter"), inter.to_csv(sep="\t", index=False))
-    atomic_write_text(os.path.join(folder, f"{NAME}.item"), items.to_csv(sep="\t", index=False))
+    name = dataset_name(n_users, min_item_count, user_seed)
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    for kind, table in (("inter", inter), ("item", items)):
+        path, text = os.path.join(out, name, f"{name}.{kind}"), table.to_csv(sep="\t", index=False)
+        if not os.path.isfile(path) or open(path, encoding="utf-8").read() != text:
+            atomic_write_text(path, text)
     return {"users": inter["user_id:token"].nunique(), "items": len(items), "ratings": len(inter),
             "fewest ratings of a user": int(inter.groupby("user_id:token").size().min())}
 
@@ -52,29 +56,32 @@ def build(out: str, n_users: int = 201, min_item_count: int = 3, user_seed: int 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="SASRec,TIGER")
-    parser.add_argument("--out", default="saved/small-catalogue/data")
-    parser.add_argument("--checkpoint_dir", default="saved/small-catalogue")
+    parser.add_argument("--out", default=os.path.join(ROOT, "saved", "small-catalogue", "data"))
+    parser.add_argument("--checkpoint_dir", default=os.path.join(ROOT, "saved", "small-catalogue"))
     parser.add_argument("--n_users", type=int, default=201)
     parser.add_argument("--min_item_count", type=int, default=3)
     parser.add_argument("--user_seed", type=int, default=0)
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config would read our --key=value options as config keys
 
+    name = dataset_name(args.n_users, args.min_item_count, args.user_seed)
     sizes = build(args.out, args.n_users, args.min_item_count, args.user_seed)
-    print(f"{NAME}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    from recbole_genrec.evaluation.records import best_epoch
     from recbole_genrec.quick_start import compare
 
-    results = compare(args.models, NAME, [os.path.join(ROOT, "properties", "ml-100k.yaml")],
+    results = compare(args.models, name, [os.path.join(ROOT, "properties", "ml-100k.yaml")],
                       {"data_path": os.path.abspath(args.out), "checkpoint_dir": args.checkpoint_dir,
                        "stopping_step": 5, "epochs": 300, "resume": True, "show_progress": False},
-                      output_dir=os.path.join(args.checkpoint_dir, "compare"))
+                      output_dir=os.path.join(args.checkpoint_dir, "compare"), reuse_runs=True)
+    # the sequential models rank every item, past ones included: a random ranking hits 10 / n_items
     chance = 10 / sizes["items"]
-    print(f"\n{NAME}, leave-one-out, seed 2020, patience 5; chance recall@10 = 10/{sizes['items']} = {chance:.4f}")
+    print(f"\n{name}, leave-one-out, seed 2020, patience 5; chance recall@10 = 10/{sizes['items']} = {chance:.4f}")
     print("| model | test recall@10 | x chance | best epoch | epochs |\n|---|---|---|---|---|")
     for model, result in results.items():
-        curve = result["valid_curve"]
-        best = max(curve, key=lambda point: point[1])[0] if curve else ""
-        recall = result["test_result"]["recall@10"]
-        print(f"| {model} | {recall:.4f} | {recall / chance:.1f} | {best} | {len(curve)} |")
+        curve, recall = result["valid_curve"], result["test_result"]["recall@10"]
+        print(f"| {model} | {recall:.4f} | {recall / chance:.1f} | {best_epoch(curve, result['best_valid_score'])} "
+              f"| {len(curve)} |")
 
 
 if __name__ == "__main__":

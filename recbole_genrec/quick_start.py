@@ -146,7 +146,7 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
         rows.append({"model": spec, "seed": result["seed"], **result["test_result"],
                      "train_time_s": result["train_time_s"], "test_time_s": result["test_time_s"]})
         runs.append({"model": spec, **result})
-    require_some(rows, missing, config_dict)
+    require_some(rows, missing, config_dict, in_training)
     output_dir = output_dir or report_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
     title, stem = f"{dataset}: test results", f"compare-{dataset}"
     table, summaries = write_seed_table(rows, ("model",), output_dir, stem, title)

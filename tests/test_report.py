@@ -10,7 +10,7 @@ import pytest
 
 import recbole_genrec  # noqa: F401
 from conftest import TINY_YAML
-from recbole_genrec.evaluation import protocols, report, runs
+from recbole_genrec.evaluation import protocols, records, report, runs
 from recbole_genrec.quick_start import compare
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -244,27 +244,41 @@ def test_warm_cold_runs_leave_records_and_reuse_them(tmp_path, monkeypatch):
 
 def test_records_only_report_shows_the_curve_so_far_of_a_run_in_training(tmp_path):
     """A run with no record but a ``.last`` checkpoint (``--resume=True``, training or killed) is
-    listed under the table with its validation curve so far, read from that checkpoint; a run of
-    another config, with no ``.last`` of its own, is only named as missing."""
+    listed under the table with its validation curve so far, read from that checkpoint without
+    touching it; a run of another config, with no ``.last`` of its own, is only named as missing;
+    with no record at all the error says how far the runs in training are (warm/cold too)."""
     import json
 
     config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 2, "resume": True}
-    first = compare("SASRec,LightGCN", "genrec-tiny", [TINY_YAML], config, output_dir=str(tmp_path / "a"))
-    (record,) = (tmp_path / "saved" / "runs").glob("LightGCN-*.json")
+    # BERT4Rec: RecBole's masking transform adds keys to the run's config, which the lookup must add too
+    first = compare("SASRec,BERT4Rec", "genrec-tiny", [TINY_YAML], config, output_dir=str(tmp_path / "a"))
+    (record,) = (tmp_path / "saved" / "runs").glob("BERT4Rec-*.json")
     curve = json.loads(record.read_text())["result"]["valid_curve"]
-    assert [e for e, _ in curve] == [0, 1] and first["LightGCN"]["valid_curve"] == [tuple(p) for p in curve]
-    record.unlink()  # LightGCN is now a run that has trained 2 epochs and has no record yet
+    assert [e for e, _ in curve] == [0, 1] and first["BERT4Rec"]["valid_curve"] == [tuple(p) for p in curve]
+    record.unlink()  # BERT4Rec is now a run that has trained its 2 epochs and has no record yet
+    protocols.run_warm_cold("LightGCN", "genrec-tiny", [TINY_YAML], config, output_dir=str(tmp_path / "w"))
+    (warm_cold_record,) = (tmp_path / "saved" / "runs").glob("LightGCN-*warm_cold*.json")
+    warm_cold_record.unlink()
 
+    saved = tmp_path / "saved"
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in saved.rglob("*") if p.is_file()}
     report_config = {k: v for k, v in config.items() if k != "resume"}  # the report command trains nothing
-    compare("SASRec,LightGCN,LightGCN[learning_rate=0.01]", "genrec-tiny", [TINY_YAML], report_config,
+    compare("SASRec,BERT4Rec,BERT4Rec[learning_rate=0.01]", "genrec-tiny", [TINY_YAML], report_config,
             report_dir=str(tmp_path / "rep"), records_only=True)
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert "LightGCN (default seed), LightGCN[learning_rate=0.01] (default seed)" in text
-    rows = [row for row in _md_table_after(text, "Training now") if row]
-    assert len(rows) == 1 and rows[0]["model"] == "LightGCN" and rows[0]["epochs done"] == "2"
-    assert rows[0]["validation score by epoch, from 0"] == ", ".join(f"{s:.4f}" for _, s in curve)
+    assert "BERT4Rec (default seed), BERT4Rec[learning_rate=0.01] (default seed)" in text
+    rows = _md_table_after(text, "Training now")
+    assert len(rows) == 1 and rows[0]["model"] == "BERT4Rec" and rows[0]["seed"] == "2020"
+    assert rows[0]["validation score by epoch"] == ", ".join(f"{e}: {s:.4f}" for e, s in curve)
     best = max(s for _, s in curve)
-    assert rows[0]["best validation score so far"] == f"NDCG@10 {best:.4f} (epoch {[s for _, s in curve].index(best)})"
+    last_best = max(e for e, s in curve if s == best)  # RecBole keeps the later of tied epochs
+    assert rows[0]["progress"] == f"2 of 2 epochs (all epochs done, not tested yet), best NDCG@10 {best:.4f} " \
+                                  f"at epoch {last_best}"
+    with pytest.raises(ValueError, match=r"no run record .* LightGCN \(seed 2020\) is training: 2 of 2 epochs"):
+        protocols.run_warm_cold("LightGCN", "genrec-tiny", [TINY_YAML], report_config, records_only=True)
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in saved.rglob("*") if p.is_file()}
+    assert after == before  # nothing written, locked or removed under checkpoint_dir
+    assert records.best_epoch([(0, 0.1), (1, 0.3), (2, 0.2), (3, 0.3)], 0.3) == 3
 
 
 def _md_table_after(text: str, marker: str) -> list[dict]:

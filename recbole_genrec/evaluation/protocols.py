@@ -193,14 +193,14 @@ def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, save
         run = _recorded(runs.warm_cold_once, "warm_cold", name, dataset, config_file_list, run_config, saved, label,
                         reuse_runs, records_only)
         if run is None:
-            note_missing(missing, in_training, spec, name, dataset, config_file_list, run_config, "warm_cold")
+            note_missing(missing, in_training, spec, name, dataset, config_file_list, run_config)
             continue
         store(results, spec, seeds, run["seed"], {group: g["metrics"] for group, g in run["groups"].items()})
         for group, g in run["groups"].items():
             rows.append({"model": spec, "targets": group, "n": g["n"], "seed": run["seed"], **g["metrics"],
                          "train_time_s": run["train_time_s"]})
         run_list.append({"model": spec, **run})
-    require_some(rows, missing, config_dict)
+    require_some(rows, missing, config_dict, in_training)
     _write_outputs(rows, run_list, "targets", config_dict, output_dir, report_dir, f"warm_cold-{dataset}",
                    f"{dataset}: warm/cold protocol (global time-ordered 8:1:1)", f"{dataset} warm/cold", missing,
                    in_training, per_user_targets=config_dict["eval_args"].get("group_by", "user") != "user")

@@ -85,45 +85,56 @@ def find_record(model, dataset, config_file_list, config_dict, protocol: str = "
     return config, path, read_record(path)
 
 
-def training_progress(model, dataset, config_file_list, config_dict, protocol: str = "leave_one_out") -> dict | None:
+def best_epoch(curve, best_score) -> int | None:
+    """The epoch of ``curve`` (``[(epoch, score), ...]``) whose score is ``best_score``: the last of
+    tied ones, as RecBole's ``early_stopping`` keeps the later of equal scores."""
+    return next((epoch for epoch, score in reversed(curve) if score == best_score), None)
+
+
+def training_progress(model, dataset, config_file_list, config_dict) -> dict | None:
     """How far the resumable run (``--resume=True``) of this config, data and code has trained, read
-    from its ``.last`` checkpoint: ``{epochs, stopped, valid_metric, valid_curve, best_valid_score,
-    best_epoch, updated, path}``, or ``None`` when it has none (or it cannot be read). Nothing is
-    written or removed: a report may read the checkpoint of a run that is training."""
+    from its ``.last`` checkpoint: ``{seed, epochs, max_epochs, stopped, valid_metric, valid_curve,
+    best_valid_score, best_epoch, updated, path}``, or ``None`` when it has none (or it cannot be
+    read). Nothing is written, locked or removed: a report may read the checkpoint of a run that is
+    training."""
     import datetime
+    from logging import getLogger
+
+    from recbole.data.transform import construct_transform
 
     from recbole_genrec.compat import safe_torch_load
+    from recbole_genrec.config import Config
     from recbole_genrec.trainer.staged import LAST_FORMAT, LAST_SUFFIX, run_checkpoint_file
 
-    config, _, _ = find_record(model, dataset, config_file_list,
-                               {**config_dict, "resume": True, "resume_checkpoint": None}, protocol=protocol)
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list,
+                    config_dict={**config_dict, "resume": True, "resume_checkpoint": None})
+    construct_transform(config)  # as the run's data loaders do: BERT4Rec's masking adds its keys to the config
     path = run_checkpoint_file(config)[0] + LAST_SUFFIX
     if not os.path.isfile(path):
         return None
     try:
         state = safe_torch_load(path, map_location="cpu")
         if state.get("format") != LAST_FORMAT:
-            return None
+            raise ValueError(f"format {state.get('format')!r}, not {LAST_FORMAT!r}")
         curve = [(int(e), float(s)) for e, s in state["valid_curve"]]
         best = float(state["best_valid_score"])
         updated = datetime.datetime.fromtimestamp(os.path.getmtime(path)).astimezone()
-    except Exception:  # noqa: BLE001 - a report lists what it can read and skips the rest
+    except Exception as err:  # noqa: BLE001 - a report lists what it can read and says what it skipped
+        getLogger().warning(f"{path}: not read ({err}); the run is only named as missing")
         return None
-    best_epoch = next((e for e, s in curve if s == best), None)
-    return {"epochs": int(state["epoch"]) + 1, "stopped": bool(state["stopped"]), "valid_metric": config["valid_metric"],
-            "valid_curve": curve, "best_valid_score": best, "best_epoch": best_epoch,
+    return {"seed": config["seed"], "epochs": int(state["epoch"]) + 1, "max_epochs": config["epochs"],
+            "stopped": bool(state["stopped"]), "valid_metric": config["valid_metric"], "valid_curve": curve,
+            "best_valid_score": best, "best_epoch": best_epoch(curve, best),
             "updated": updated.isoformat(timespec="minutes"), "path": path}
 
 
-def note_missing(missing: list, in_training: list, spec: str, model, dataset, config_file_list, config_dict,
-                 protocol: str = "leave_one_out") -> None:
+def note_missing(missing: list, in_training: list, spec: str, model, dataset, config_file_list, config_dict) -> None:
     """``records_only``: add a run with no record to ``missing`` (``(spec, seed)``) and, when it is
     training or was stopped mid-way, its :func:`training_progress` to ``in_training``."""
-    seed = config_dict.get("seed")
-    missing.append((spec, seed))
-    progress = training_progress(model, dataset, config_file_list, config_dict, protocol)
+    missing.append((spec, config_dict.get("seed")))
+    progress = training_progress(model, dataset, config_file_list, config_dict)
     if progress is not None:
-        in_training.append({"model": spec, "seed": seed, **progress})
+        in_training.append({"model": spec, **progress})
 
 
 def log_missing(label: str, path: str) -> None:
@@ -158,9 +169,25 @@ def format_missing(missing) -> str:
     return ", ".join(parts)
 
 
-def require_some(rows: list, missing: list, config_dict: dict) -> None:
-    """``--records_only`` with no record at all is an error that says where records were looked for."""
+def require_some(rows: list, missing: list, config_dict: dict, in_training=()) -> None:
+    """``--records_only`` with no record at all is an error that says where records were looked for
+    (and how far the runs in training have got)."""
     if not rows:
         folder = os.path.join(config_dict.get("checkpoint_dir", "saved"), "runs")
+        training = "".join(f"; {run['model']} (seed {run['seed']}) is training: {progress_line(run)}"
+                           for run in in_training)
         raise ValueError(f"records_only: no run record in {folder!r} for {format_missing(missing)} at this config, "
-                         "data and code; train them first (the same command without --records_only)")
+                         f"data and code; train them first (the same command without --records_only){training}")
+
+
+def progress_line(run: dict) -> str:
+    """``"12 of 300 epochs, best NDCG@10 0.0389 at epoch 9"`` for a :func:`training_progress` entry."""
+    if run["stopped"]:
+        state = "stopped early, not tested yet"
+    elif run["epochs"] >= run["max_epochs"]:
+        state = "all epochs done, not tested yet"
+    else:
+        state = "training or paused"
+    best = "" if run["best_epoch"] is None else f", best {run['valid_metric']} {run['best_valid_score']:.4f} " \
+                                                f"at epoch {run['best_epoch']}"
+    return f"{run['epochs']} of {run['max_epochs']} epochs ({state}){best}"

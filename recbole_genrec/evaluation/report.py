@@ -540,16 +540,14 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
 
 def in_training_table(in_training) -> list[str]:
     """Markdown lines: each unfinished run's validation curve so far, labelled as not a result."""
+    from recbole_genrec.evaluation.records import progress_line
+
     lines = ["Training now or stopped mid-way (read from each run's `.last` checkpoint when this report was "
-             "made; not results: the runs go on with `--resume=True`):", "",
-             "| model | seed | epochs done | best validation score so far | last epoch written | "
-             "validation score by epoch, from 0 |", "|---|---|---|---|---|---|"]
+             "made; not results: a run goes on with `--resume=True`, and is tested when it stops):", "",
+             "| model | seed | progress | checkpoint updated | validation score by epoch |", "|---|---|---|---|---|"]
     for run in in_training:
-        best = "" if run["best_epoch"] is None else f"{run['best_valid_score']:.4f} (epoch {run['best_epoch']})"
-        done = f"{run['epochs']}" + (" (stopped early, not tested yet)" if run["stopped"] else "")
-        curve = ", ".join(f"{score:.4f}" for _, score in run["valid_curve"])
-        lines.append(f"| {run['model']} | {run['seed']} | {done} | {run['valid_metric']} {best} | {run['updated']} | "
-                     f"{curve} |")
+        curve = ", ".join(f"{epoch}: {score:.4f}" for epoch, score in run["valid_curve"])
+        lines.append(f"| {run['model']} | {run['seed']} | {progress_line(run)} | {run['updated']} | {curve} |")
     return lines + [""]
 
 
