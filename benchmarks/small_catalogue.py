@@ -26,7 +26,8 @@ from recbole_genrec.atomic import atomic_write_text  # noqa: E402
 
 def dataset_name(n_users: int = 201, min_item_count: int = 3, user_seed: int = 0) -> str:
     """``ml-100k-201u`` for the defaults; other settings are named in full (their own folder)."""
-    return f"ml-100k-{n_users}u" + ("" if (min_item_count, user_seed) == (3, 0) else f"-min{min_item_count}-s{user_seed}")
+    options = "" if (min_item_count, user_seed) == (3, 0) else f"-min{min_item_count}-s{user_seed}"
+    return f"ml-100k-{n_users}u{options}"
 
 
 def build(out: str, n_users: int = 201, min_item_count: int = 3, user_seed: int = 0) -> dict:
