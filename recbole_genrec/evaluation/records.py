@@ -181,7 +181,8 @@ def require_some(rows: list, missing: list, config_dict: dict, in_training=()) -
 
 
 def progress_line(run: dict) -> str:
-    """``"12 of 300 epochs, best NDCG@10 0.0389 at epoch 9"`` for a :func:`training_progress` entry."""
+    """``"12 of 300 epochs (training or paused), best NDCG@10 0.0389 at epoch 9"`` for a
+    :func:`training_progress` entry."""
     if run["stopped"]:
         state = "stopped early, not tested yet"
     elif run["epochs"] >= run["max_epochs"]:
