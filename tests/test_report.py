@@ -17,11 +17,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SETREC_SMALL = {"cf_epochs": 1, "n_sem": 2, "cf_hidden_size": 16, "setrec_beta_grid": [0.0, 1.0]}
 
 
-def _md_table(path) -> list[dict]:
-    """The rows of the markdown table in ``path`` as ``{column: cell}``."""
-    lines = [line for line in open(path).read().splitlines() if line.startswith("|")]
+def _md_rows(lines: list[str]) -> list[dict]:
+    """Markdown table lines (header, rule, rows) as ``{column: cell}`` rows."""
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def _md_table(path) -> list[dict]:
+    """The rows of the markdown table in ``path`` as ``{column: cell}``."""
+    return _md_rows([line for line in open(path).read().splitlines() if line.startswith("|")])
 
 
 def _assert_png(path):
@@ -291,8 +295,7 @@ def _md_table_after(text: str, marker: str) -> list[dict]:
             table.append(line)
         elif table:
             break
-    header = [c.strip() for c in table[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in table[2:]]
+    return _md_rows(table)
 
 
 def test_splice_report_replaces_only_the_marked_section(tmp_path):
