@@ -1,0 +1,67 @@
+"""benchmarks/diagnose.py: its recall agrees with RecBole's evaluator, its masked recall with
+``eval_mask_history``, and its NLL is a proper likelihood over the catalogue."""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_YAML
+
+LOO = {"eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"}}
+
+
+def _diagnose_module():
+    spec = importlib.util.spec_from_file_location("diagnose", ROOT / "benchmarks" / "diagnose.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(model, tmp_path, **extra):
+    from recbole_genrec.quick_start import run_recbole_genrec
+
+    return run_recbole_genrec(model=model, dataset="genrec-tiny", config_file_list=[TINY_YAML],
+                              config_dict={"checkpoint_dir": str(tmp_path), "epochs": 1, **LOO, **extra})
+
+
+def test_diagnose_recall_matches_the_evaluator_with_and_without_history_masking(tmp_path, one_thread):
+    plain = _run("SASRec", tmp_path / "plain")
+    masked = _run("SASRec", tmp_path / "masked", eval_mask_history=True)
+    rows = {row["split"]: row for row in _diagnose_module().diagnose(plain["model_file"], train_rows=40)}
+    test = rows["test"]
+    assert test["rows"] == plain["n_test_users"]
+    assert test["recall@10"] == pytest.approx(plain["test_result"]["recall@10"], abs=6e-5)
+    # the same trained weights (same seed; history masking acts at evaluation only)
+    assert test["recall@10 seen masked"] == pytest.approx(masked["test_result"]["recall@10"], abs=6e-5)
+    assert test["recall@10 seen masked"] != test["recall@10"]  # on this data the mask matters
+    assert 0 < test["seen in top-10"] < 1
+    assert rows["train"]["rows"] == 40
+
+
+def test_diagnose_nll_is_a_likelihood_over_the_catalogue(tmp_path, one_thread):
+    """TIGER's code-sequence likelihoods are renormalised over the items; popularity's NLL is
+    the training split's item frequencies."""
+    result = _run("TIGER", tmp_path, tokenizer_epochs=2)
+    diagnose = _diagnose_module()
+    rows = {row["split"]: row for row in diagnose.diagnose(result["model_file"], train_rows=30)}
+    from recbole_genrec.quick_start import load_data_and_model
+
+    config, model, dataset, train_data, valid_data, test_data = load_data_and_model(result["model_file"])
+    model.eval()
+    log_probs, targets = [], []
+    for interaction, *_ in test_data:
+        with torch.no_grad():
+            log_probs.append(diagnose._target_log_probs(model, interaction, None))
+            every = torch.log_softmax(model.exact_scores(interaction), 1)
+        assert torch.logsumexp(every[:, 1:], 1) == pytest.approx(torch.zeros(len(interaction)), abs=1e-4)
+        target = interaction[model.ITEM_ID]
+        assert log_probs[-1] == pytest.approx(every.gather(1, target.unsqueeze(1)).squeeze(1), abs=1e-5)
+        targets.append(target)
+    log_probs, targets = torch.cat(log_probs), torch.cat(targets)
+    assert rows["test"]["NLL"] == pytest.approx(-log_probs.mean().item(), abs=1e-4)
+    counts = torch.bincount(train_data._dataset.inter_feat[dataset.iid_field], minlength=model.n_items).float()
+    pop = -torch.log(counts[targets].clamp(min=1) / counts.sum()).mean().item()
+    assert rows["test"]["pop NLL"] == pytest.approx(pop, abs=1e-4)
+    assert rows["test"]["log n_items"] == pytest.approx(math.log(model.n_items - 1))
