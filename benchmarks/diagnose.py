@@ -3,9 +3,9 @@
     python benchmarks/diagnose.py CHECKPOINT [CHECKPOINT ...] [--train_rows 1000]
     python benchmarks/diagnose.py --records DIR          # every run record in DIR (a ``runs`` folder)
 
-For each checkpoint (written by ``run_recbole_genrec`` / ``--compare``; data, split and seed are
-the checkpoint's own) and each of a sample of training rows (``--train_rows``, seeded), the
-validation rows and the test rows, it prints
+For each checkpoint of a sequential model (written by ``run_recbole_genrec`` / ``--compare``; data,
+split and seed are the checkpoint's own) and each of a sample of training rows (``--train_rows``,
+seeded), the validation rows and the test rows, it prints
 
 - ``recall@10``: as RecBole's full-ranking evaluator counts it for this model (sequential models:
   nothing masked),
@@ -95,6 +95,9 @@ def diagnose(model_file: str, train_rows: int = 1000) -> list[dict]:
     from recbole_genrec.quick_start import load_data_and_model
 
     config, model, dataset, train_data, valid_data, test_data = load_data_and_model(model_file)
+    if not hasattr(model, "ITEM_SEQ"):
+        raise ValueError(f"{config['model']} ({model_file}) is not a sequential model: diagnose.py reads "
+                         "rows with one target and its history")
     model.eval()
     by_user = _histories(dataset)
     iid = dataset.iid_field
@@ -160,7 +163,12 @@ def main():
     columns = ["recall@10", "seen in top-10", "recall@10 seen masked", "NLL", "pop NLL", "log n_items"]
     lines = ["| model | split | rows | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for path in files:
-        for row in diagnose(path, args.train_rows):
+        try:
+            rows = diagnose(path, args.train_rows)
+        except ValueError as error:
+            print(f"skipped: {error}", flush=True)
+            continue
+        for row in rows:
             cells = [f"{row[c]:.4f}" if c in row else "-" for c in columns]
             lines.append(f"| {row['model']} | {row['split']} | {row['rows']} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)

@@ -65,3 +65,9 @@ def test_diagnose_nll_is_a_likelihood_over_the_catalogue(tmp_path, one_thread):
     pop = -torch.log(counts[targets].clamp(min=1) / counts.sum()).mean().item()
     assert rows["test"]["pop NLL"] == pytest.approx(pop, abs=1e-4)
     assert rows["test"]["log n_items"] == pytest.approx(math.log(model.n_items - 1))
+
+
+def test_diagnose_names_a_general_model_it_cannot_read(tmp_path):
+    result = _run("Pop", tmp_path)
+    with pytest.raises(ValueError, match="Pop .* is not a sequential model"):
+        _diagnose_module().diagnose(result["model_file"])
