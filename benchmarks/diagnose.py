@@ -11,12 +11,17 @@ seeded), the validation rows and the test rows, it prints
   nothing masked),
 - ``seen in top-10``: the share of the top 10 that the user had already interacted with before
   the row's target (on data without repeat consumption these slots cannot hit),
-- ``recall@10 seen masked``: recall@10 when those items are left out of the ranking,
+- ``recall@10 seen masked``: recall@10 when those items are left out of the ranking (for a model
+  that scores only its beam, TIGER and LETTER, fewer than 10 items may remain: a lower bound; an
+  item scored ``-inf`` never counts as a hit here, where RecBole's evaluator can count a target
+  that ``topk`` draws among tied ``-inf`` scores),
 - ``NLL``: the mean negative log-likelihood of the target item, in nats, where the model defines
   one (a softmax over items: SASRec, ...; a code sequence: TIGER, LETTER, whose item likelihoods
   ``exact_scores`` are renormalised over the catalogue's items), beside two references
-  computed on the same rows: the item frequencies among the training split's targets (``pop NLL``)
-  and the uniform distribution (``log n_items``).
+  computed on the same rows: the item frequencies among the training split's targets, add-one
+  smoothed over the catalogue (``pop NLL``), and the uniform distribution (``log n_items``).
+
+Rows are labelled by the checkpoint's file name (one model may have several runs in a folder).
 
 A model whose training NLL is no better than popularity's has not learned the data yet
 (under-fitting: more optimisation steps, a higher learning rate); one whose training recall is
@@ -37,27 +42,26 @@ sys.path.insert(0, ROOT)
 
 def _histories(dataset):
     """``{user: [items in time order]}`` over every split. A sequential dataset holds one row per
-    target, oldest first, with the items before it (a user's first item is only in a list); a
-    general one the raw interactions, which RecBole's ``order: TO`` sorts stably by time."""
-    import numpy as np
-
+    target, oldest first, with the items before it (a user's first item is only in a list)."""
     inter = dataset.inter_feat
-    users, items = inter[dataset.uid_field].tolist(), inter[dataset.iid_field].tolist()
-    by_user = collections.defaultdict(list)
     list_field = dataset.iid_field + dataset.config["LIST_SUFFIX"]
-    if list_field in inter:
-        lengths = inter[dataset.config["ITEM_LIST_LENGTH_FIELD"]].tolist()
-        for u, i, listed, n in zip(users, items, inter[list_field].tolist(), lengths):
-            if not by_user[u]:
-                by_user[u].extend(listed[:n])
-            by_user[u].append(i)
-        return by_user
-    order = range(len(users))
-    if dataset.time_field in inter:
-        order = np.argsort(inter[dataset.time_field].numpy(), kind="stable").tolist()
-    for k in order:
-        by_user[users[k]].append(items[k])
+    lengths = inter[dataset.config["ITEM_LIST_LENGTH_FIELD"]].tolist()
+    by_user = collections.defaultdict(list)
+    for u, i, listed, n in zip(inter[dataset.uid_field].tolist(), inter[dataset.iid_field].tolist(),
+                               inter[list_field].tolist(), lengths):
+        if not by_user[u]:
+            by_user[u].extend(listed[:n])
+        by_user[u].append(i)
     return by_user
+
+
+def popularity_log_probs(train_set, n_items: int):
+    """``[n_items]`` log-probabilities of the items' frequencies among the training targets, add-one
+    smoothed over items ``1..n_items-1`` (they sum to one); the padding item 0 gets ``-inf``."""
+    import torch
+
+    counts = torch.bincount(train_set.inter_feat[train_set.iid_field], minlength=n_items)[1:].float() + 1
+    return torch.cat([torch.tensor([float("-inf")]), torch.log(counts / counts.sum())])
 
 
 def _items_before(history, target, interaction, row, model):
@@ -102,8 +106,7 @@ def diagnose(model_file: str, train_rows: int = 1000) -> list[dict]:
     by_user = _histories(dataset)
     iid = dataset.iid_field
     train_set = train_data._dataset
-    counts = torch.bincount(train_set.inter_feat[iid], minlength=model.n_items).float()
-    pop_log_prob = torch.log(counts.clamp(min=1) / counts.sum())
+    pop_log_prob = popularity_log_probs(train_set, model.n_items)
     generator = torch.Generator().manual_seed(config["seed"])
     picked = torch.randperm(len(train_set), generator=generator)[:train_rows]
     train_sample = train_set.inter_feat[picked]
@@ -137,7 +140,8 @@ def diagnose(model_file: str, train_rows: int = 1000) -> list[dict]:
                 nll_n += B
             total["pop NLL"] -= pop_log_prob[target].sum().item()
             n += B
-        row = {"model": config["model"], "dataset": config["dataset"], "split": split, "rows": n}
+        row = {"model": config["model"], "checkpoint": os.path.basename(model_file), "dataset": config["dataset"],
+               "split": split, "rows": n}
         row.update({k: v / (nll_n if k == "NLL" else n) for k, v in total.items() if k != "NLL" or nll_n})
         row["log n_items"] = math.log(model.n_items - 1)
         rows.append(row)
@@ -161,16 +165,16 @@ def main():
     import recbole_genrec  # noqa: F401
 
     columns = ["recall@10", "seen in top-10", "recall@10 seen masked", "NLL", "pop NLL", "log n_items"]
-    lines = ["| model | split | rows | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
+    lines = ["| checkpoint | split | rows | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for path in files:
         try:
             rows = diagnose(path, args.train_rows)
-        except ValueError as error:
+        except (ValueError, FileNotFoundError) as error:
             print(f"skipped: {error}", flush=True)
             continue
         for row in rows:
             cells = [f"{row[c]:.4f}" if c in row else "-" for c in columns]
-            lines.append(f"| {row['model']} | {row['split']} | {row['rows']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {row['checkpoint']} | {row['split']} | {row['rows']} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     print("\n" + "\n".join(lines))
 

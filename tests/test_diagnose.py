@@ -3,6 +3,7 @@
 
 import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -28,21 +29,35 @@ def _run(model, tmp_path, **extra):
 
 def test_diagnose_recall_matches_the_evaluator_with_and_without_history_masking(tmp_path, one_thread):
     plain = _run("SASRec", tmp_path / "plain")
+    # one epoch: the same trained weights (same seed; history masking acts at evaluation only, and
+    # with one epoch it cannot change which epoch is kept)
     masked = _run("SASRec", tmp_path / "masked", eval_mask_history=True)
-    rows = {row["split"]: row for row in _diagnose_module().diagnose(plain["model_file"], train_rows=40)}
-    test = rows["test"]
-    assert test["rows"] == plain["n_test_users"]
-    assert test["recall@10"] == pytest.approx(plain["test_result"]["recall@10"], abs=6e-5)
-    # the same trained weights (same seed; history masking acts at evaluation only)
-    assert test["recall@10 seen masked"] == pytest.approx(masked["test_result"]["recall@10"], abs=6e-5)
-    assert test["recall@10 seen masked"] != test["recall@10"]  # on this data the mask matters
-    assert 0 < test["seen in top-10"] < 1
+    diagnose = _diagnose_module()
+    rows = {row["split"]: row for row in diagnose.diagnose(plain["model_file"], train_rows=40)}
+    for split, result in (("valid", "best_valid_result"), ("test", "test_result")):
+        assert rows[split]["recall@10"] == pytest.approx(plain[result]["recall@10"], abs=6e-5)
+        assert rows[split]["recall@10 seen masked"] == pytest.approx(masked[result]["recall@10"], abs=6e-5)
+        assert rows[split]["recall@10 seen masked"] != rows[split]["recall@10"]  # the mask matters here
+        assert 0 < rows[split]["seen in top-10"] < 1
+    assert rows["test"]["rows"] == plain["n_test_users"]
     assert rows["train"]["rows"] == 40
+    assert rows["test"]["checkpoint"] == os.path.basename(plain["model_file"])
+    # SASRec's NLL: its softmax over the items (padding excluded) at the target
+    from recbole_genrec.quick_start import load_data_and_model
+
+    _, model, _, _, _, test_data = load_data_and_model(plain["model_file"])
+    model.eval()
+    nll = []
+    for interaction, *_ in test_data:
+        with torch.no_grad():
+            logits = model.full_sort_predict(interaction).view(len(interaction), -1)[:, 1:]
+        nll.append(-torch.log_softmax(logits, 1).gather(1, interaction["item_id"].unsqueeze(1) - 1))
+    assert rows["test"]["NLL"] == pytest.approx(torch.cat(nll).mean().item(), abs=1e-4)
 
 
 def test_diagnose_nll_is_a_likelihood_over_the_catalogue(tmp_path, one_thread):
     """TIGER's code-sequence likelihoods are renormalised over the items; popularity's NLL is
-    the training split's item frequencies."""
+    that of the training targets' add-one smoothed frequencies, a distribution over the items."""
     result = _run("TIGER", tmp_path, tokenizer_epochs=2)
     diagnose = _diagnose_module()
     rows = {row["split"]: row for row in diagnose.diagnose(result["model_file"], train_rows=30)}
@@ -55,15 +70,16 @@ def test_diagnose_nll_is_a_likelihood_over_the_catalogue(tmp_path, one_thread):
         with torch.no_grad():
             log_probs.append(diagnose._target_log_probs(model, interaction, None))
             every = torch.log_softmax(model.exact_scores(interaction), 1)
-        assert torch.logsumexp(every[:, 1:], 1) == pytest.approx(torch.zeros(len(interaction)), abs=1e-4)
         target = interaction[model.ITEM_ID]
         assert log_probs[-1] == pytest.approx(every.gather(1, target.unsqueeze(1)).squeeze(1), abs=1e-5)
         targets.append(target)
     log_probs, targets = torch.cat(log_probs), torch.cat(targets)
     assert rows["test"]["NLL"] == pytest.approx(-log_probs.mean().item(), abs=1e-4)
-    counts = torch.bincount(train_data._dataset.inter_feat[dataset.iid_field], minlength=model.n_items).float()
-    pop = -torch.log(counts[targets].clamp(min=1) / counts.sum()).mean().item()
-    assert rows["test"]["pop NLL"] == pytest.approx(pop, abs=1e-4)
+    pop = diagnose.popularity_log_probs(train_data._dataset, model.n_items)
+    assert torch.isneginf(pop[0]) and pop[1:].exp().sum().item() == pytest.approx(1.0, abs=1e-5)
+    counts = torch.bincount(train_data._dataset.inter_feat[dataset.iid_field], minlength=model.n_items)[1:]
+    assert (pop[1:][counts.argsort()].diff() >= -1e-6).all()  # more frequent, more likely
+    assert rows["test"]["pop NLL"] == pytest.approx(-pop[targets].mean().item(), abs=1e-4)
     assert rows["test"]["log n_items"] == pytest.approx(math.log(model.n_items - 1))
 
 
