@@ -68,10 +68,9 @@ def _items_before(history, target, interaction, row, model):
     """The user's items before this row's target. Where the target repeats, the occurrence whose
     preceding items are the row's history list (sequential rows) is the row's."""
     places = [p for p, item in enumerate(history) if item == target]
-    seq_field = getattr(model, "ITEM_SEQ", None)
-    if len(places) > 1 and seq_field in interaction:
+    if len(places) > 1:
         length = int(interaction[model.ITEM_SEQ_LEN][row])
-        listed = interaction[seq_field][row, :length].tolist()
+        listed = interaction[model.ITEM_SEQ][row, :length].tolist()
         places = [p for p in places if history[max(0, p - length):p] == listed] or places
     return history[:places[0]]
 
@@ -80,9 +79,7 @@ def _target_log_probs(model, interaction, scores):
     """Log-probability of each row's target, or ``None`` where the model defines none."""
     import torch
 
-    target = interaction[model.POS_ITEM_ID] if hasattr(model, "POS_ITEM_ID") else None
-    if target is None:
-        return None
+    target = interaction[model.POS_ITEM_ID]
     if hasattr(model, "exact_scores"):  # TIGER, LETTER: every item's code-sequence log-likelihood
         scores = model.exact_scores(interaction).float().cpu()  # renormalised over the catalogue below
     elif getattr(model, "loss_type", None) != "CE":  # RecBole's sequential softmax models have CE
