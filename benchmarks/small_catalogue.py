@@ -1,6 +1,7 @@
 """The held-back check's setting on public data: a ~1k-item film catalogue with 201 users.
 
     python benchmarks/small_catalogue.py [--models SASRec,TIGER] [--out DIR] [--checkpoint_dir DIR]
+    python benchmarks/small_catalogue.py --models TIGER,TIGER[train_batch_size=64] --user_seed 0,1,2
 
 Issue 12's held-back catalogue (not in the repo) has about 1k films and 201 test users; there TIGER
 with 3 x 256 codes was at chance. This script builds the closest public stand-in, ``ml-100k-201u``:
@@ -61,20 +62,33 @@ def main():
     parser.add_argument("--checkpoint_dir", default=os.path.join(ROOT, "saved", "small-catalogue"))
     parser.add_argument("--n_users", type=int, default=201)
     parser.add_argument("--min_item_count", type=int, default=3)
-    parser.add_argument("--user_seed", type=int, default=0)
+    parser.add_argument("--user_seed", default="0", help="one draw of users (0) or several (0,1,2)")
+    parser.add_argument("--records_only", action="store_true", help="print the recorded runs, train nothing")
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # RecBole's Config would read our --key=value options as config keys
 
-    name = dataset_name(args.n_users, args.min_item_count, args.user_seed)
-    sizes = build(args.out, args.n_users, args.min_item_count, args.user_seed)
-    print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    from recbole_genrec.evaluation.protocols import parse_seeds
+
+    by_draw = {}
+    for user_seed in parse_seeds(args.user_seed):
+        by_draw[user_seed] = run_draw(args, user_seed)
+    if len(by_draw) > 1:
+        print(draws_table(by_draw))
+
+
+def run_draw(args, user_seed: int) -> tuple:
+    """Build one draw's data, compare ``--models`` on it, print its table; ``(n_items, results)``."""
     from recbole_genrec.evaluation.records import best_epoch
     from recbole_genrec.quick_start import compare
 
+    name = dataset_name(args.n_users, args.min_item_count, user_seed)
+    sizes = build(args.out, args.n_users, args.min_item_count, user_seed)
+    print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
     results = compare(args.models, name, [os.path.join(ROOT, "properties", "ml-100k.yaml")],
                       {"data_path": os.path.abspath(args.out), "checkpoint_dir": args.checkpoint_dir,
                        "stopping_step": 5, "epochs": 300, "resume": True, "show_progress": False},
-                      output_dir=os.path.join(args.checkpoint_dir, "compare"), reuse_runs=True)
+                      output_dir=os.path.join(args.checkpoint_dir, "compare"), reuse_runs=True,
+                      records_only=args.records_only)
     # the sequential models rank every item, past ones included: a random ranking hits 10 / n_items
     chance = 10 / sizes["items"]
     print(f"\n{name}, leave-one-out, seed 2020, patience 5; chance recall@10 = 10/{sizes['items']} = {chance:.4f}")
@@ -83,6 +97,27 @@ def main():
         curve, recall = result["valid_curve"], result["test_result"]["recall@10"]
         print(f"| {model} | {recall:.4f} | {recall / chance:.1f} | {best_epoch(curve, result['best_valid_score'])} "
               f"| {len(curve)} |")
+    return sizes["items"], results
+
+
+def draws_table(by_draw: dict) -> str:
+    """Markdown: each model's test recall@10 on every draw (``{user_seed: (n_items, results)}``),
+    mean and sample std over the draws it has; chance is 10 / the draw's films."""
+    import statistics
+
+    seeds = list(by_draw)
+    models = list(dict.fromkeys(m for _, results in by_draw.values() for m in results))
+    head = " | ".join(f"draw {s}" for s in seeds)
+    lines = [f"| model | {head} | mean | std |", "|---" * (len(seeds) + 3) + "|"]
+    for model in models:
+        values = [by_draw[s][1][model]["test_result"]["recall@10"] if model in by_draw[s][1] else None for s in seeds]
+        got = [v for v in values if v is not None]
+        std = f"{statistics.stdev(got):.4f}" if len(got) > 1 else "-"
+        cells = " | ".join("-" if v is None else f"{v:.4f}" for v in values)
+        lines.append(f"| {model} | {cells} | {statistics.mean(got):.4f} | {std} |")
+    chance = " | ".join(f"{10 / by_draw[s][0]:.4f}" for s in seeds)
+    lines.append(f"| chance (10 / films) | {chance} | | |")
+    return "\ntest recall@10 over draws of users (--user_seed):\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":
