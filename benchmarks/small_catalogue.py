@@ -71,7 +71,12 @@ def main():
 
     by_draw = {}
     for user_seed in parse_seeds(args.user_seed):
-        by_draw[user_seed] = run_draw(args, user_seed)
+        try:
+            by_draw[user_seed] = run_draw(args, user_seed)
+        except ValueError as err:  # records_only and no record on this draw: say so, show the others
+            if not args.records_only:
+                raise
+            print(f"draw {user_seed}: {err}")
     if len(by_draw) > 1:
         print(draws_table(by_draw))
 
