@@ -366,7 +366,7 @@ def test_versus_baseline_says_who_trails_sasrec_and_by_how_many_standard_errors(
                 "train_time_s": 1.0, **extra}
 
     rows = [row("SASRec", 0.10, 0.05), row("TIGER", 0.08, 0.04), row("TwoLevelLLMRec", 0.12, 0.06),
-            row("LETTER", 0.11, 0.045), row("SETRec", 0.10, 0.05)]
+            row("LETTER", 0.11, 0.045), row("SETRec", 0.10, 0.05), row("TTDS", 0.105, 0.052)]
     runs = [{"model": r["model"], "n_test_users": 1000} for r in rows]
     lines = report.versus_baseline(report.summarize(rows), runs)
     assert lines == [
@@ -374,10 +374,14 @@ def test_versus_baseline_says_who_trails_sasrec_and_by_how_many_standard_errors(
         "(-0.0100); hit@10 0.0800 vs 0.1000 (-0.0200, -1.6 SE).",
         "- **TwoLevelLLMRec** beats SASRec: recall@10 0.1200 vs 0.1000 (+0.0200, +1.4 SE); ndcg@10 0.0600 vs 0.0500 "
         "(+0.0100); hit@10 0.1200 vs 0.1000 (+0.0200, +1.4 SE).",
-        "- **LETTER** is mixed against SASRec: recall@10 0.1100 vs 0.1000 (+0.0100, +0.7 SE); ndcg@10 0.0450 vs "
+        # every difference under one SE: level, whichever way it points
+        "- **LETTER** is level with SASRec (within one standard error; ahead on some metrics, behind on others): "
+        "recall@10 0.1100 vs 0.1000 (+0.0100, +0.7 SE); ndcg@10 0.0450 vs "
         "0.0500 (-0.0050); hit@10 0.1100 vs 0.1000 (+0.0100, +0.7 SE).",
-        "- **SETRec** is level with SASRec: recall@10 0.1000 vs 0.1000 (+0.0000, +0.0 SE); ndcg@10 0.0500 vs "
-        "0.0500 (+0.0000); hit@10 0.1000 vs 0.1000 (+0.0000, +0.0 SE).",
+        "- **SETRec** is level with SASRec (within one standard error): recall@10 0.1000 vs 0.1000 (+0.0000, "
+        "+0.0 SE); ndcg@10 0.0500 vs 0.0500 (+0.0000); hit@10 0.1000 vs 0.1000 (+0.0000, +0.0 SE).",
+        "- **TTDS** is level with SASRec (within one standard error; ahead on every metric): recall@10 0.1050 vs "
+        "0.1000 (+0.0050, +0.4 SE); ndcg@10 0.0520 vs 0.0500 (+0.0020); hit@10 0.1050 vs 0.1000 (+0.0050, +0.4 SE).",
     ]
     assert report.versus_baseline(report.summarize(rows[1:]), runs) == []  # no baseline, no sentences
     # several targets per user (recall != hit): no SE for recall; a smaller-is-better metric counts as such

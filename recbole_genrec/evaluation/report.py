@@ -164,7 +164,9 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
     way round). For hit@k, a share of test users, the difference is also given in standard errors:
     the unpaired ``sqrt(p1 (1-p1) / n + p2 (1-p2) / n)`` over ``n`` test users (conservative: both
     models rank the same users); for recall@k too where it equals hit@k (one target per user, as
-    in leave-one-out). Not for the group tables (their users per group are not recorded). Empty
+    in leave-one-out). Not for the group tables (their users per group are not recorded). Where
+    every such difference is under one standard error the model is called level with the baseline,
+    whatever the direction (which is said in brackets): "beats" at +0.2 SE would overstate it. Empty
     without the baseline."""
     from recbole.evaluator.register import smaller_metrics
 
@@ -176,7 +178,7 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
         if ref is None or summary["model"] == baseline:
             continue
         n = None if group_key else users.get(summary["model"])
-        parts, wins, losses = [], 0, 0
+        parts, wins, losses, z_scores = [], 0, 0, []
         for column in metric_columns(summary):
             if column not in ref["mean"]:
                 continue
@@ -190,14 +192,20 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
                 s["mean"].get(f"hit@{k}") == s["mean"][column] for s in (summary, ref)))
             if n and binary and 0 < p < 1 and 0 < q < 1:
                 se = math.sqrt(p * (1 - p) / n + q * (1 - q) / n)
-                part += f", {(p - q) / se:+.1f} SE"
+                z_scores.append((p - q) / se)
+                part += f", {z_scores[-1]:+.1f} SE"
             parts.append(part + ")")
         if not parts:
             continue
         verdict = ("beats" if wins == len(parts) else "trails" if losses == len(parts)
                    else "is level with" if not wins and not losses else "is mixed against")
+        noise = ""
+        if z_scores and max(abs(z) for z in z_scores) < 1:
+            direction = {"beats": "; ahead on every metric", "trails": "; behind on every metric",
+                         "is mixed against": "; ahead on some metrics, behind on others"}.get(verdict, "")
+            verdict, noise = "is level with", f" (within one standard error{direction})"
         where = f" on {summary[group_key]} {group_key}" if group_key else ""
-        lines.append(f"- **{summary['model']}** {verdict} {baseline}{where}: " + "; ".join(parts) + ".")
+        lines.append(f"- **{summary['model']}** {verdict} {baseline}{where}{noise}: " + "; ".join(parts) + ".")
     return lines
 
 
