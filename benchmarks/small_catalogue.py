@@ -107,21 +107,29 @@ def run_draw(args, user_seed: int) -> tuple:
 
 def draws_table(by_draw: dict) -> str:
     """Markdown: each model's test recall@10 on every draw (``{user_seed: (n_items, results)}``),
-    mean and sample std over the draws it has; chance is 10 / the draw's films."""
+    mean and sample std over the draws it has, and its paired comparison with the first model (a
+    recipe against the default): the mean difference over the draws both have, and on how many of
+    them it is ahead. Chance is 10 / the draw's films."""
     import statistics
 
     seeds = list(by_draw)
     models = list(dict.fromkeys(m for _, results in by_draw.values() for m in results))
+    recall = {m: [by_draw[s][1][m]["test_result"]["recall@10"] if m in by_draw[s][1] else None for s in seeds]
+              for m in models}
     head = " | ".join(f"draw {s}" for s in seeds)
-    lines = [f"| model | {head} | mean | std |", "|---" * (len(seeds) + 3) + "|"]
+    lines = [f"| model | {head} | mean | std | vs {models[0]}: mean difference (ahead on) |",
+             "|---" * (len(seeds) + 4) + "|"]
     for model in models:
-        values = [by_draw[s][1][model]["test_result"]["recall@10"] if model in by_draw[s][1] else None for s in seeds]
+        values = recall[model]
         got = [v for v in values if v is not None]
         std = f"{statistics.stdev(got):.4f}" if len(got) > 1 else "-"
         cells = " | ".join("-" if v is None else f"{v:.4f}" for v in values)
-        lines.append(f"| {model} | {cells} | {statistics.mean(got):.4f} | {std} |")
+        pairs = [(v, r) for v, r in zip(values, recall[models[0]]) if v is not None and r is not None]
+        paired = "-" if model == models[0] or not pairs else (
+            f"{statistics.mean(v - r for v, r in pairs):+.4f} ({sum(v > r for v, r in pairs)} of {len(pairs)} draws)")
+        lines.append(f"| {model} | {cells} | {statistics.mean(got):.4f} | {std} | {paired} |")
     chance = " | ".join(f"{10 / by_draw[s][0]:.4f}" for s in seeds)
-    lines.append(f"| chance (10 / films) | {chance} | | |")
+    lines.append(f"| chance (10 / films) | {chance} | | | |")
     return "\ntest recall@10 over draws of users (--user_seed):\n" + "\n".join(lines)
 
 

@@ -49,10 +49,13 @@ def test_draws_table_means_over_the_draws_a_model_has(small_catalogue):
         return {"test_result": {"recall@10": recall}}
 
     table = small_catalogue.draws_table({
-        0: (1000, {"A": run(0.02), "B": run(0.05)}),
-        1: (500, {"A": run(0.04)}),
+        0: (1000, {"A": run(0.02), "B": run(0.02), "C": run(0.01)}),
+        1: (500, {"A": run(0.04), "C": run(0.07)}),
+        2: (500, {"A": run(0.06), "C": run(0.05)}),
     })
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
-    assert rows["A"] == "| A | 0.0200 | 0.0400 | 0.0300 | 0.0141 |"
-    assert rows["B"] == "| B | 0.0500 | - | 0.0500 | - |"
+    assert rows["A"] == "| A | 0.0200 | 0.0400 | 0.0600 | 0.0400 | 0.0200 | - |"
+    assert rows["B"] == "| B | 0.0200 | - | - | 0.0200 | - | +0.0000 (0 of 1 draws) |"  # shared draws only; a tie is not ahead
+    # C against A, draw by draw: -0.01, +0.03, -0.01: a mean lead that comes from one draw of three
+    assert rows["C"] == "| C | 0.0100 | 0.0700 | 0.0500 | 0.0433 | 0.0306 | +0.0033 (1 of 3 draws) |"
     assert rows["chance (10 / films)"].startswith("| chance (10 / films) | 0.0100 | 0.0200 |")
