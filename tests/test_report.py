@@ -246,10 +246,10 @@ def test_warm_cold_runs_leave_records_and_reuse_them(tmp_path, monkeypatch):
     assert prepared == []
 
 
-def test_records_only_report_shows_the_curve_so_far_of_a_run_in_training(tmp_path):
+def test_records_only_report_shows_the_curve_so_far_of_a_run_in_training(tmp_path, monkeypatch):
     """A run with no record but a ``.last`` checkpoint (``--resume=True``, training or killed) is
     listed under the table with its validation curve so far, read from that checkpoint without
-    touching it; a run of another config, with no ``.last`` of its own, is only named as missing;
+    touching it, and drawn dashed on the validation-curve plot; a run of another config, with no ``.last`` of its own, is only named as missing;
     with no record at all the error says how far the runs in training are (warm/cold too)."""
     import json
 
@@ -267,8 +267,23 @@ def test_records_only_report_shows_the_curve_so_far_of_a_run_in_training(tmp_pat
     saved = tmp_path / "saved"
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in saved.rglob("*") if p.is_file()}
     report_config = {k: v for k, v in config.items() if k != "resume"}  # the report command trains nothing
+    drawn, save = {}, report._save
+
+    def capture(fig, path):  # the valid-curve figure's lines and legend, as drawn
+        if path.endswith("valid_curves.png"):
+            drawn["lines"] = [(line.get_label(), line.get_linestyle(), list(line.get_xdata()),
+                               list(line.get_ydata())) for line in fig.axes[0].lines]
+            drawn["legend"] = [text.get_text() for text in fig.legends[0].get_texts()]
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", capture)
     compare("SASRec,BERT4Rec,BERT4Rec[learning_rate=0.01]", "genrec-tiny", [TINY_YAML], report_config,
             report_dir=str(tmp_path / "rep"), records_only=True)
+    # the run in training is drawn dashed, its curve so far, listed after the results in the legend
+    (dashed,) = [line for line in drawn["lines"] if line[1] == "--"]
+    assert dashed[0] == "BERT4Rec (seed 2020): in training, 2 epochs so far, not a result"
+    assert list(dashed[2:]) == [[e for e, _ in curve], [s for _, s in curve]]
+    assert drawn["legend"] == ["SASRec", dashed[0]]
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "BERT4Rec (default seed), BERT4Rec[learning_rate=0.01] (default seed)" in text
     rows = _md_table_after(text, "Training now")

@@ -303,10 +303,12 @@ def _top(series) -> float:
     return top * 1.15 if top > 0 else 1.0
 
 
-def plot_valid_curves(runs: list[dict], path: str, title: str) -> str:
+def plot_valid_curves(runs: list[dict], path: str, title: str, in_training=()) -> str:
     """(b) Validation score per evaluated epoch for each model (mean ± std band over seeds). When
     runs differ a lot in length (e.g. 20 epochs beside 250), the epoch axis is linear up to 10 and
-    logarithmic beyond, so the short curves stay readable; long curves are drawn without markers."""
+    logarithmic beyond, so the short curves stay readable; long curves are drawn without markers.
+    ``in_training`` (:func:`recbole_genrec.evaluation.records.training_progress` entries with their
+    ``model``): each unfinished run's curve so far, dashed and labelled as not a result."""
     from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
     fig = _figure(7.2, 4.8)
@@ -330,10 +332,18 @@ def plot_valid_curves(runs: list[dict], path: str, title: str) -> str:
         if len(curves) > 1 and len(epochs) > 1:
             ax.fill_between(epochs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                             color=color, alpha=0.2, linewidth=0)
+    for run, color in zip(in_training, _colors(len(models) + len(in_training))[len(models):]):
+        if not run.get("valid_curve"):
+            continue
+        drawn = True
+        epochs, scores = zip(*run["valid_curve"])
+        ax.plot(epochs, scores, linestyle="--", color=color, marker="o" if len(epochs) <= 40 else None, markersize=3,
+                label=f"{run['model']} (seed {run['seed']}): in training, {run['epochs']} epochs so far, not a result")
     if not drawn:
         ax.text(0.5, 0.5, "no validation epochs were recorded", ha="center", va="center", transform=ax.transAxes)
-    every = sorted({e for r in runs for e, _ in (r.get("valid_curve") or [])})
-    lengths = [max(e for e, _ in r["valid_curve"]) for r in runs if r.get("valid_curve")]
+    every_run = list(runs) + list(in_training)
+    every = sorted({e for r in every_run for e, _ in (r.get("valid_curve") or [])})
+    lengths = [max(e for e, _ in r["valid_curve"]) for r in every_run if r.get("valid_curve")]
     if lengths and max(lengths) > 60 and min(lengths) * 4 < max(lengths):
         ax.set_xscale("symlog", linthresh=10, linscale=1.5)
         ticks = [t for t in (0, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= max(lengths)]
@@ -354,7 +364,10 @@ def plot_valid_curves(runs: list[dict], path: str, title: str) -> str:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if drawn:
-        fig.legend(loc="outside lower center", ncols=2, frameon=False)
+        handles, labels = ax.get_legend_handles_labels()
+        order = sorted(range(len(labels)), key=lambda i: "in training" in labels[i])  # results first
+        fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside lower center",
+                   ncols=1 if in_training else 2, frameon=False)
     return _save(fig, path)
 
 
@@ -578,7 +591,7 @@ def build_report(report_dir: str, title: str, table: str, table_stem: str, summa
         images.append((f"Test metrics by {group_key}", plot_groups(
             summaries, group_key, out(group_key), f"{label}: test metrics on {groups} {group_key}")))
     images.append(("Validation curves", plot_valid_curves(
-        runs, out("valid_curves"), f"{label}: validation score per epoch")))
+        runs, out("valid_curves"), f"{label}: validation score per epoch", in_training)))
     images.append(("Inference time per user", plot_inference_time(
         runs, out("inference_time"), f"{label}: inference time per test user")))
     seeds = list(dict.fromkeys(r.get("seed") for r in runs))
