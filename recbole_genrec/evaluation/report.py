@@ -262,36 +262,52 @@ def metric_columns(summary: dict) -> list[str]:
     return [c for c in summary["mean"] if not c.endswith("_s") and c != "n"]
 
 
-def _grouped_bars(ax, categories: list[str], series: list[tuple[str, list, list]], with_errors: bool):
-    """Bars for each category (x) and each series (label, means, stds), side by side."""
+def _grouped_bars(ax, categories: list[str], series: list[tuple[str, list, list | None]], with_errors: bool):
+    """Bars for each category (x) and each series (label, means, stds), side by side; a series whose
+    ``stds`` is ``None`` (one seed: no spread to show) gets no error bars."""
     import numpy as np
 
     x = np.arange(len(categories))
     width = 0.8 / max(len(series), 1)
     for i, ((label, means, stds), color) in enumerate(zip(series, _colors(len(series)))):
         offset = (i - (len(series) - 1) / 2) * width
+        errors = with_errors and stds is not None
         ax.bar(x + offset, means, width, label=label, color=color,
-               yerr=stds if with_errors else None, capsize=3 if with_errors else 0,
+               yerr=stds if errors else None, capsize=3 if errors else 0,
                error_kw={"elinewidth": 1, "ecolor": "black"})
     ax.set_xticks(x, categories)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
 
 
+def _seeds_label(model: str, n_seeds: int, several: bool) -> str:
+    """The legend label of a model's bars: with its seed count when the plot mixes seed counts."""
+    return model if not several else f"{model} ({n_seeds} seed{'s' if n_seeds > 1 else ''}"\
+        f"{', mean ± std' if n_seeds > 1 else ''})"
+
+
+def _spread(summary: dict | None, metrics: list[str]) -> list | None:
+    """The std over seeds of each metric, or ``None`` for one seed (no spread: no error bar)."""
+    if summary is None or len(summary["seeds"]) < 2:
+        return None
+    return [summary["std"].get(m, float("nan")) for m in metrics]
+
+
 def plot_test_metrics(summaries: list[dict], path: str, title: str) -> str:
-    """(a) Test metrics per model as grouped bars; error bars are the std over seeds."""
+    """(a) Test metrics per model as grouped bars; error bars are the std over seeds (none for a
+    model run with one seed)."""
     metrics = metric_columns(summaries[0])
     several = any(len(s["seeds"]) > 1 for s in summaries)
     fig = _figure(max(6.0, 0.9 * len(metrics) * max(1, len(summaries) / 2) + 2), 4.2)
     ax = fig.add_subplot()
     nan = float("nan")  # a metric a model does not report gets no bar
-    series = [(s["model"], [s["mean"].get(m, nan) for m in metrics], [s["std"].get(m, nan) for m in metrics])
-              for s in summaries]
+    series = [(_seeds_label(s["model"], len(s["seeds"]), several), [s["mean"].get(m, nan) for m in metrics],
+               _spread(s, metrics)) for s in summaries]
     _grouped_bars(ax, metrics, series, several)
     ax.set_ylabel("test score")
     counts = sorted({len(s["seeds"]) for s in summaries})
     seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    ax.set_title(title + (f" (mean ± std over {seeds} seeds)" if several else ""))
+    ax.set_title(title + (f" (mean ± std over {seeds} seeds)" if len(counts) == 1 and several else ""))
     ax.tick_params(axis="x", labelrotation=30)
     ax.set_ylim(0, _top(series))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
@@ -299,7 +315,8 @@ def plot_test_metrics(summaries: list[dict], path: str, title: str) -> str:
 
 
 def _top(series) -> float:
-    top = max([m + s for _, means, stds in series for m, s in zip(means, stds) if not math.isnan(m + s)] or [0.0])
+    top = max([m + s for _, means, stds in series for m, s in zip(means, stds or [0.0] * len(means))
+               if not math.isnan(m + s)] or [0.0])
     return top * 1.15 if top > 0 else 1.0
 
 
@@ -428,8 +445,10 @@ def plot_groups(summaries: list[dict], group_key: str, path: str, title: str) ->
         for name in models:
             rows = [by_key.get((name, g)) for g in groups]
             nan = float("nan")  # a group without targets/users gets no bar
-            series.append((name, [r["mean"].get(metric, nan) if r else nan for r in rows],
-                           [r["std"].get(metric, nan) if r else nan for r in rows]))
+            seeds = max((len(r["seeds"]) for r in rows if r), default=1)
+            spread = None if seeds < 2 else [r["std"].get(metric, nan) if r else nan for r in rows]
+            series.append((_seeds_label(name, seeds, several), [r["mean"].get(metric, nan) if r else nan for r in rows],
+                           spread))
         _grouped_bars(ax, tick_labels, series, several)
         ax.set_title(metric)
         ax.set_ylim(0, _top(series))
