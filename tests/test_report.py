@@ -240,6 +240,11 @@ def test_warm_cold_runs_leave_records_and_reuse_them(tmp_path, monkeypatch):
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "Not in the table" in text and "LightGCN (default seed)" in text
     assert protocols.format_missing([("A", 1), ("B", None), ("A", 2)]) == "A (seeds 1, 2), B (default seed)"
+    # a model absent from the table is named apart from a model in it that lacks some of its seeds
+    assert report.missing_lines([("A", 2), ("B", 1), ("B", 2), ("C", None)], [{"model": "A"}, {"model": "D"}]) == [
+        "", "Not in the table (no run record at this commit's config, data and code yet): B (seeds 1, 2), "
+        "C (default seed).", "", "", "In the table with fewer seeds than asked (no record yet for: A (seed 2)).", ""]
+    assert report.missing_lines([], [{"model": "A"}]) == []
     assert {row["model"] for row in _md_table(tmp_path / "rep" / "warm_cold-genrec-tiny.md")} == {"SASRec"}
     with pytest.raises(ValueError, match="records_only: no run record .* LightGCN"):
         compare("LightGCN", "genrec-tiny", [TINY_YAML], config, saved=False, records_only=True)

@@ -549,11 +549,7 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
         lines += ["", masking, ""]
     if versus:
         lines += ["", "### Against SASRec", "", *versus, ""]
-    if missing:
-        from recbole_genrec.evaluation.records import format_missing
-
-        lines += ["", "Not in the table (no run record at this commit's config, data and code yet): "
-                  + format_missing(missing) + ".", ""]
+    lines += missing_lines(missing, runs)
     if in_training:
         lines += in_training_table(in_training)
     for heading, path in images:
@@ -576,6 +572,24 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
     atomic_write_text(path, "\n".join(lines))
     print(f"written: {path}")
     return path
+
+
+def missing_lines(missing, runs) -> list[str]:
+    """Markdown lines naming the asked-for runs with no record (``missing``: ``(spec, seed)``): first
+    the models with no row in the table at all, then the seeds missing from models that have one."""
+    from recbole_genrec.evaluation.records import format_missing
+
+    in_table = {r["model"] for r in runs or []}
+    absent = [(spec, seed) for spec, seed in missing if spec not in in_table]
+    fewer = [(spec, seed) for spec, seed in missing if spec in in_table]
+    lines = []
+    if absent:
+        lines += ["", "Not in the table (no run record at this commit's config, data and code yet): "
+                  + format_missing(absent) + ".", ""]
+    if fewer:
+        lines += ["", "In the table with fewer seeds than asked (no record yet for: "
+                  + format_missing(fewer) + ").", ""]
+    return lines
 
 
 def in_training_table(in_training) -> list[str]:
