@@ -282,8 +282,9 @@ def _grouped_bars(ax, categories: list[str], series: list[tuple[str, list, list 
 
 def _seeds_label(model: str, n_seeds: int, several: bool) -> str:
     """The legend label of a model's bars: with its seed count when the plot mixes seed counts."""
-    return model if not several else f"{model} ({n_seeds} seed{'s' if n_seeds > 1 else ''}"\
-        f"{', mean ± std' if n_seeds > 1 else ''})"
+    if not several:
+        return model
+    return f"{model} ({n_seeds} seeds, mean ± std)" if n_seeds > 1 else f"{model} (1 seed)"
 
 
 def _spread(summary: dict | None, metrics: list[str]) -> list | None:
