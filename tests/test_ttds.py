@@ -287,12 +287,12 @@ def test_user_task_and_user_texts_hold_only_training_interactions(tmp_path, hist
     for user, item in held_out:  # a validation/test interaction is never among a user's training items
         assert item not in m.train_items[user] or (item, user) in seen
     assert all((i, u) in seen for u in range(1, len(m.train_items)) for i in m.train_items[u])
-    # the user text lists exactly the titles of the last 10 training items
+    # the user text lists exactly the titles of the last 10 training items, newest first
     from recbole_genrec.data import load_item_texts
 
     titles = load_item_texts(config, train._dataset, [config["item_text_fields"][0]])
     u = 1
-    expected = ", ".join(titles[i].split(": ", 1)[-1] for i in m.train_items[u][-10:])
+    expected = ", ".join(titles[i].split(": ", 1)[-1] for i in reversed(m.train_items[u][-10:]))
     assert m.user_text_strings[u] == f"recent: {expected}"
     # user prediction: the next user is a later training user of the same item
     items = torch.arange(1, m.n_items)
@@ -434,6 +434,20 @@ def test_user_text_uses_the_latest_training_items_even_past_the_history_cap(tmp_
     assert long_users
     for u in long_users:
         assert m.train_items[u][-2:] == last[u][-2:]
+
+
+def test_a_user_text_cut_to_its_length_keeps_the_newest_titles(tmp_path):
+    """The titles run newest first, so the backbone's cut at ``ttds_text_length`` words (and the
+    text encoder's at its sub-word limit) drops the oldest ones, never the newest."""
+    _, trainer, train, *_ = build(tmp_path, ttds_text_length=8)
+    m = trainer.model
+    titles = load_item_texts(trainer.config, train._dataset, [trainer.config["item_text_fields"][0]])
+    cut = [u for u, t in enumerate(m.user_text_strings) if len(re.findall(r"\w+", t)) > 8]
+    assert cut  # users whose text is longer than the cut
+    for u in cut:
+        newest = titles[m.train_items[u][-1]].split(": ", 1)[-1]
+        want = set(m.tokenize([newest], 8)[0].tolist()) - {m.pad_id}
+        assert want <= set(m.user_text_ids[u].tolist()), u
 
 
 def test_ttds_dm_has_no_dm_vae_at_all(tmp_path):

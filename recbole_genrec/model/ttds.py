@@ -7,7 +7,8 @@ Generator"). No public code exists; where the paper is silent the choice is ours
   as the recommender (``ttds_text_source: warmup`` or ``live``, below). Items:
   ``item_text_fields``. Users: ``user_text_fields`` of the ``.user`` file when given, then the
   titles (first ``item_text_fields`` column) of the user's last ``ttds_user_history_titles``
-  TRAINING items (paper: comments/queries/profile, which ml-100k lacks; our choice). With
+  TRAINING items, newest first, so that a text cut to the encoder's length drops the oldest titles
+  (paper: comments/queries/profile, which ml-100k lacks; our choice). With
   ``llm_path`` the backbone's tokenizer reads the text; the tiny presets have no vocabulary, so
   text words are hashed (md5) into ``ttds_text_vocab`` extra tokens of the backbone (our choice).
 - **X for a backbone that knows no words** (our choice): the paper's LLM is pretrained; the tiny
@@ -271,7 +272,9 @@ class TTDS(GenerativeRecommender):
 
     def user_texts(self, config, dataset, train_items) -> list[str]:
         """User text: ``user_text_fields`` of the ``.user`` file, then the titles of the last
-        ``ttds_user_history_titles`` training items (never a validation or test item)."""
+        ``ttds_user_history_titles`` training items, newest first (never a validation or test
+        item). Both text encoders cut a long text at its end (64 sub-words for the packaged one,
+        ``ttds_text_length`` words for the hashed one), so the oldest titles are the ones cut."""
         fields = list(config["user_text_fields"] or [])
         profile = load_user_texts(config, dataset, fields) if fields else [""] * dataset.user_num
         title_field = (config["item_text_fields"] or [None])[0]
@@ -279,7 +282,7 @@ class TTDS(GenerativeRecommender):
         k = int(config["ttds_user_history_titles"])
         texts = []
         for u in range(dataset.user_num):
-            recent = [titles[i].split(": ", 1)[-1] for i in train_items[u][-k:]] if k else []
+            recent = [titles[i].split(": ", 1)[-1] for i in reversed(train_items[u][-k:])] if k else []
             parts = ([profile[u]] if profile[u] else []) + ([f"recent: {', '.join(recent)}"] if recent else [])
             texts.append("; ".join(parts))
         return texts
