@@ -23,6 +23,7 @@ from recbole_genrec.atomic import (
     verify_file,
 )
 from recbole_genrec.compat import safe_torch_load
+from recbole_genrec.evaluation import carry
 from recbole_genrec.quick_start import run_recbole_genrec
 
 SMALL = {"TIGER": {"tokenizer_epochs": 5},
@@ -93,6 +94,38 @@ def _state(path):
     return safe_torch_load(path, map_location="cpu")["state_dict"]
 
 
+def test_carry_packs_what_a_run_in_training_needs_and_unpacks_without_clobbering(tmp_path):
+    """``carry`` takes each run's ``.last`` and best checkpoint and every stage file; it leaves
+    records, finished runs' best checkpoints, locks and temporaries; ``unpack`` refuses to replace
+    a file that differs (it may hold later epochs) unless forced."""
+    src = tmp_path / "saved"
+    (src / "runs").mkdir(parents=True)
+    files = {"LETTER-ml-100k-aaaaaaaaaaaaaaaa.pth": b"best", "LETTER-ml-100k-aaaaaaaaaaaaaaaa.pth.last": b"last",
+             "LETTER-ml-100k-cf-bbbbbbbbbbbbbbbb.pth": b"cf", "LETTER-ml-100k-tokenizer-cccccccccccccccc.pth": b"tok",
+             "SASRec-ml-100k-dddddddddddddddd.pth": b"finished", "SASRec-ml-100k-dddddddddddddddd.pth.lock": b"1",
+             "TTDS-ml-100k-eeeeeeeeeeeeeeee.pth.last.123-ab.tmp": b"half", "runs/SASRec-ml-100k-seed2020-dddddddddddddddd.json": b"{}"}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    (src / "text_emb").mkdir()
+    expected = sorted(["LETTER-ml-100k-aaaaaaaaaaaaaaaa.pth", "LETTER-ml-100k-aaaaaaaaaaaaaaaa.pth.last",
+                       "LETTER-ml-100k-cf-bbbbbbbbbbbbbbbb.pth", "LETTER-ml-100k-tokenizer-cccccccccccccccc.pth"])
+    archive = tmp_path / "out" / "carried.tar"
+    assert carry.pack(str(src), str(archive)) == expected
+    assert os.listdir(archive.parent) == ["carried.tar"]  # no temporary left
+    dst = tmp_path / "elsewhere"
+    assert sorted(carry.unpack(str(archive), str(dst))) == expected
+    assert all((dst / n).read_bytes() == files[n] for n in expected) and sorted(os.listdir(dst)) == expected
+    assert carry.unpack(str(archive), str(dst)) == expected  # the same files again: nothing to refuse
+    (dst / expected[1]).write_bytes(b"a later epoch")
+    with pytest.raises(FileExistsError, match="pth.last exists with other content"):
+        carry.unpack(str(archive), str(dst))
+    assert (dst / expected[1]).read_bytes() == b"a later epoch"  # nothing written
+    carry.unpack(str(archive), str(dst), force=True)
+    assert (dst / expected[1]).read_bytes() == b"last"
+    with pytest.raises(FileNotFoundError, match="checkpoint directory"):
+        carry.pack(str(tmp_path / "missing"), str(archive))
+
+
 # ----- 1. kill -9 during epoch 2, run the same command again --------------------------------------
 @pytest.mark.parametrize("model", ["TIGER", "SETRec"])
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, model):
@@ -113,6 +146,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, model):
     last = [f for f in os.listdir(killed_dir) if f.endswith(".pth.last")]
     assert len(last) == 1  # epoch 1's state, written before epoch 2 started
     assert safe_torch_load(killed_dir / last[0])["epoch"] == 0
+    if model == "TIGER":  # carried to "another machine": packed, unpacked into a new directory, resumed there
+        archive = tmp_path / "carried.tar"
+        packed = carry.pack(str(killed_dir), str(archive))
+        assert last[0] in packed and any("-tokenizer-" in name for name in packed)
+        killed_dir = tmp_path / "elsewhere"
+        assert sorted(carry.unpack(str(archive), str(killed_dir))) == sorted(packed)
 
     # the same command (state, a logging key, is not part of the run's identity)
     proc, log = _start(tmp_path, {**run, "config": {**config, "checkpoint_dir": str(killed_dir), "state": "INFO"}},
