@@ -366,6 +366,97 @@ def test_letter_end_to_end(tmp_path):
     assert "ndcg@10" in result["test_result"]
 
 
+# ----- LETTER's tokenizer as its official code trains it (quantize/letter_tokenizer.py) -----------------
+def test_letter_quantisation_loss_is_the_mean_over_levels():
+    """LETTER averages codebook + beta x commitment over levels; TIGER sums them."""
+    from recbole_genrec.quantize.letter_tokenizer import LetterRQVAE
+
+    torch.manual_seed(0)
+    letter = LetterRQVAE(24, hidden=(32,), e_dim=8, levels=4, codebook_size=8).eval()
+    tiger = RQVAE(24, hidden=(32,), e_dim=8, levels=4, codebook_size=8).eval()
+    tiger.load_state_dict(letter.state_dict())
+    z = letter.encode(clustered())
+    ours, theirs = letter.quantize(z), tiger.quantize(z)
+    assert torch.equal(ours[1], theirs[1])  # the same codes outside training
+    assert theirs[3] > 0 and torch.allclose(ours[3], theirs[3] / 4)
+
+
+def test_letter_balances_the_last_level_over_a_training_batch_only():
+    """While training, the last level is the argmax of a Sinkhorn plan over the batch: a batch that
+    crowds onto a few nearest codewords is spread over the codebook; the other levels, and every
+    code outside training, are the nearest codewords."""
+    from recbole_genrec.quantize.letter_tokenizer import LetterRQVAE
+
+    torch.manual_seed(0)
+    model = LetterRQVAE(24, hidden=(32,), e_dim=8, levels=2, codebook_size=8)
+    x = clustered()
+    model.init_codebooks(x, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # crowd the last level: every codeword but two far away
+        model.codebooks[1, 2:] += 100.0
+    z = model.encode(x)
+    model.eval()
+    nearest = model.quantize(z)[1]
+    assert len(torch.unique(nearest[:, 1])) <= 2
+    model.train()
+    balanced = model.quantize(z)[1]
+    assert torch.equal(balanced[:, 0], nearest[:, 0])
+    counts = torch.bincount(balanced[:, 1], minlength=8)
+    assert (counts > 0).all() and counts.max() <= 3 * len(x) / 8  # spread over the codebook (nearest: >= 160 on one)
+    assert torch.equal(model.quantize(z, balanced_last=False)[1], nearest)
+    assert torch.equal(model.forward(x)["codes"], balanced)  # forward trains on the balanced codes
+    model.eval()
+    assert torch.equal(model.get_codes(x), nearest)
+
+
+def test_letter_tokenizer_keeps_the_epoch_with_the_fewest_collisions(monkeypatch):
+    """The state kept is the one of the evaluated epoch with the lowest collision rate (not the
+    last), and unused codewords are never re-seeded."""
+    import copy
+
+    from recbole_genrec.quantize import letter_tokenizer
+    from recbole_genrec.quantize.letter_tokenizer import LetterRQVAE, train_letter_rq_vae
+
+    rates, states = iter([0.5, 0.2, 0.1, 0.3, 0.4]), []
+    model = LetterRQVAE(24, hidden=(32,), e_dim=8, levels=2, codebook_size=8)
+
+    def scripted(codes):
+        states.append(copy.deepcopy(model.state_dict()))
+        return next(rates)
+
+    def no_reseed(*args, **kwargs):
+        raise AssertionError("LETTER does not re-seed unused codewords")
+
+    monkeypatch.setattr(letter_tokenizer, "collision_rate", scripted)
+    monkeypatch.setattr(RQVAE, "reseed_dead_codes", no_reseed)
+    out = train_letter_rq_vae(model, clustered(), epochs=10, batch_size=64, eval_step=2, log_every=1000)
+    assert len(states) == 5 and out["best_epoch"] == 6 and out["best_collision_rate"] == 0.1
+    kept = model.state_dict()
+    assert all(torch.equal(kept[k], states[2][k]) for k in kept)
+    assert not all(torch.equal(kept[k], states[-1][k]) for k in kept)
+
+
+def test_letter_resolves_each_colliding_group_on_its_last_level_only():
+    """Items sharing a tuple are re-quantised group by group with the balanced last level: the
+    collision rate falls, items that did not collide keep their codes, and every re-assigned item
+    keeps its first levels."""
+    from recbole_genrec.quantize.letter_tokenizer import LetterRQVAE, letter_code_table
+
+    torch.manual_seed(0)
+    model = LetterRQVAE(24, hidden=(32,), e_dim=8, levels=2, codebook_size=8).eval()
+    x = torch.cat([clustered(4, 30), clustered(16, 1, seed=5)])  # crowded clusters and lone items
+    model.init_codebooks(x, generator=torch.Generator().manual_seed(0))
+    nearest = model.get_codes(x)
+    _, inverse, counts = torch.unique(nearest, dim=0, return_inverse=True, return_counts=True)
+    alone = counts[inverse] == 1
+    assert collision_rate(nearest) > 0.5 and alone.any()
+    resolved, rounds = model.resolve_collisions(x)
+    assert 1 <= rounds <= 20
+    assert collision_rate(resolved) < collision_rate(nearest)
+    assert torch.equal(resolved[alone], nearest[alone]) and torch.equal(resolved[:, 0], nearest[:, 0])
+    table = letter_code_table(model, x, suffix_size=len(x))
+    assert torch.equal(table[:, :2], resolved) and len(torch.unique(table, dim=0)) == len(x)
+
+
 def test_tiger_hashed_user_token_is_prepended_and_trained(tmp_path):
     """Sec. 3.2: the hashed user token opens the encoder input and receives gradient."""
     from recbole_genrec.quick_start import _prepare

@@ -3,12 +3,14 @@
 TIGER's pipeline with LETTER's tokenizer (Sec. 3.1-3.2):
 - stage ``cf``: a RecBole SASRec trained on the same split (or loaded from ``cf_model_path``);
   its item embeddings (``rq_e_dim`` wide) are frozen as the collaborative signal;
-- stage ``tokenizer``: the RQ-VAE loss plus ``cf_weight`` x collaborative regularisation
-  (in-batch contrast between the quantised latent and the item's CF embedding) and ``div_weight``
-  x diversity regularisation (codewords grouped by size-constrained k-means into ``div_groups``
-  groups; a residual is pulled towards another codeword of its group), see
-  :mod:`recbole_genrec.quantize.rq_vae`; collisions are re-balanced on the last level with
-  Sinkhorn (``collision_handling: sinkhorn``) before the dedup suffix;
+- stage ``tokenizer``: the RQ-VAE loss (averaged over levels, the last level Sinkhorn-balanced
+  over each training batch) plus ``cf_weight`` x collaborative regularisation (Eq. 2: in-batch
+  contrast between the quantised latent and the item's CF embedding) and ``div_weight`` x
+  diversity regularisation (Eq. 3: codewords grouped by size-constrained k-means into
+  ``div_groups`` groups; an assigned codeword is pulled towards another codeword of its group);
+  the epoch with the fewest collisions is kept; then each group of colliding items is re-assigned
+  on the last level with Sinkhorn (``collision_handling: sinkhorn``) before the dedup suffix. See
+  :mod:`recbole_genrec.quantize.letter_tokenizer` for where this follows LETTER's code, not TIGER's;
 - stage ``recommender``: TIGER's T5 with the ranking-guided generation loss, token
   cross-entropy on logits divided by ``gen_temperature`` (Sec. 3.3).
 """
@@ -20,6 +22,9 @@ import torch.nn.functional as F
 
 from recbole_genrec.model.base import load_cf_item_embeddings, train_cf_model
 from recbole_genrec.model.tiger import TIGER
+from recbole_genrec.quantize.codes import code_tokens
+from recbole_genrec.quantize.letter_tokenizer import LetterRQVAE, letter_code_table, train_letter_rq_vae
+from recbole_genrec.quantize.rq_vae import codebook_stats
 
 
 class LETTER(TIGER):
@@ -28,10 +33,23 @@ class LETTER(TIGER):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        self.rq_vae = LetterRQVAE(
+            self.item_text_emb.shape[1], hidden=tuple(config["rq_hidden"]), e_dim=config["rq_e_dim"],
+            levels=self.levels, codebook_size=self.codebook_size, beta=config["rq_beta"],
+            sk_epsilon=config["letter_sk_epsilon"], sk_iters=config["letter_sk_iters"],
+        )
         self.register_buffer("cf_item_emb", torch.zeros(self.n_items, config["rq_e_dim"]))
         self.gen_temperature = config["gen_temperature"] or 1.0
 
     def train_stage(self, stage, train_data, valid_data, stage_config, show_progress=False):
+        if stage == "tokenizer":
+            out = train_letter_rq_vae(
+                self.rq_vae, self.item_text_emb[1:], epochs=stage_config["epochs"], lr=stage_config["learning_rate"],
+                batch_size=stage_config["batch_size"], eval_step=self.config["tokenizer_eval_step"],
+                seed=self.config["seed"], show_progress=show_progress, **self.tokenizer_loss_options(),
+            )
+            return {**self.assign_codes(), "final_loss": round(out["loss"][-1], 4) if out["loss"] else None,
+                    "kept_epoch": out["best_epoch"], "kept_collision_rate": out["best_collision_rate"]}
         if stage != "cf":
             return super().train_stage(stage, train_data, valid_data, stage_config, show_progress)
         e_dim = self.config["rq_e_dim"]
@@ -62,6 +80,23 @@ class LETTER(TIGER):
             "div_tau": self.config["div_tau"],
         }
 
+    @torch.no_grad()
+    def assign_codes(self) -> dict:
+        """TIGER's ``assign_codes`` with LETTER's collision resolution (per colliding group,
+        :func:`~recbole_genrec.quantize.letter_tokenizer.letter_code_table`; ``collision_handling:
+        suffix`` skips it)."""
+        self.rq_vae.eval()
+        x = self.item_text_emb[1:]
+        stats = codebook_stats(self.rq_vae.get_codes(x), self.codebook_size)
+        rounds = 20 if self.collision_handling == "sinkhorn" else 0
+        table = letter_code_table(self.rq_vae, x, suffix_size=self.codebook_size, rounds=rounds)
+        self.item_codes[1:] = code_tokens(table, self.token_offset, self.codebook_size)
+        self.item_codes[0] = self.pad_id
+        self._trie = None
+        for p in self.rq_vae.parameters():
+            p.requires_grad_(False)
+        return {**stats, "max_suffix": int(table[:, -1].max())}
+
     def stage_state_dict(self, stage):
         if stage == "cf":
             return {"cf_item_emb": self.cf_item_emb.clone()}
@@ -78,7 +113,8 @@ class LETTER(TIGER):
         base = {"n_items": self.n_items, **{k: self.config[k] for k in keys}, **self.cf_stage_signature()}
         if stage == "cf":
             return base
-        extra = ("cf_weight", "div_weight", "div_groups", "div_tau")
+        extra = ("cf_weight", "div_weight", "div_groups", "div_tau", "tokenizer_eval_step", "letter_sk_epsilon",
+                 "letter_sk_iters")
         return {**super().stage_signature(stage), **base, **{k: self.config[k] for k in extra}}
 
     def calculate_loss(self, interaction):
