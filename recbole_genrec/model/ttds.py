@@ -603,7 +603,7 @@ class TTDS(GenerativeRecommender):
                             parts["dm"].backward()
                             optimizer.step()
                             for part, value in parts.items():
-                                totals[f"{k}_{part}"] += float(value) * len(idx) / len(x[k])
+                                totals[f"{k}_{part}"] += float(value.detach()) * len(idx) / len(x[k])
                     history.append({key: round(v, 5) for key, v in totals.items()})
                     self.logger.info(f"TTDS warm-up epoch {epoch + 1}: L_DM {history[-1]}")
         finally:
@@ -743,11 +743,11 @@ class TTDS(GenerativeRecommender):
                 items, context, nxt = batch
                 losses["user"] = self.seq2seq_loss(self.user_prompt(items, context), self.user_sid[nxt])
         l_llm = sum(losses.values()) / len(losses)
-        self.last_losses = {k: float(v) for k, v in losses.items()}
+        self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
         if self.alpha == 0 or self.indexer != "rq":
             return l_llm
         l_dm = self.batch_dm_loss(interaction)
-        self.last_losses["dm"] = float(l_dm)
+        self.last_losses["dm"] = float(l_dm.detach())
         return l_llm + self.alpha * l_dm
 
     def _sample(self, ids):
