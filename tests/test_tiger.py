@@ -433,6 +433,8 @@ def test_letter_tokenizer_keeps_the_epoch_with_the_fewest_collisions(monkeypatch
     kept = model.state_dict()
     assert all(torch.equal(kept[k], states[2][k]) for k in kept)
     assert not all(torch.equal(kept[k], states[-1][k]) for k in kept)
+    with pytest.raises(ValueError, match="tokenizer_eval_step"):
+        train_letter_rq_vae(model, clustered(), epochs=2, eval_step=0)
 
 
 def test_letter_resolves_each_colliding_group_on_its_last_level_only():

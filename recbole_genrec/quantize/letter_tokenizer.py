@@ -51,9 +51,10 @@ class LetterRQVAE(RQVAE):
         codes, residuals, codewords, vq_loss = [], [], [], z.new_zeros(())
         for level in range(self.levels):
             book = self.codebooks[level]
-            distances = torch.cdist(residual, book)
+            with torch.no_grad():  # the codes only: the losses below carry the gradients
+                distances = torch.cdist(residual, book)
             if balanced_last and level == self.levels - 1 and self.sk_epsilon > 0 and len(z) > 1:
-                idx = sinkhorn(distances.detach() ** 2, self.sk_epsilon, self.sk_iters).argmax(1)
+                idx = sinkhorn(distances ** 2, self.sk_epsilon, self.sk_iters).argmax(1)
             else:
                 idx = distances.argmin(1)
             e = book[idx]
@@ -93,8 +94,10 @@ def train_letter_rq_vae(model: LetterRQVAE, x: torch.Tensor, epochs=2000, lr=1e-
     """Train ``model`` on item vectors ``x [n, d]`` (LETTER's ``RQ-VAE/trainer.py``) and leave it at
     the evaluated epoch with the lowest collision rate of its nearest-codeword codes (the first such
     epoch on a tie). Returns ``{"loss": [per epoch], "best_epoch", "best_collision_rate"}``."""
+    if isinstance(eval_step, bool) or not isinstance(eval_step, int) or eval_step < 1:
+        raise ValueError(f"tokenizer_eval_step: a positive number of epochs between collision checks, got {eval_step!r}")
     logger = getLogger()
-    log_every = log_every or max(eval_step, epochs // 20)
+    log_every = log_every or eval_step * max(1, epochs // (20 * eval_step))  # ~20 lines, at checked epochs
     generator = torch.Generator().manual_seed(seed)  # initialisation, batch order
     div_generator = torch.Generator(device=x.device).manual_seed(seed + 1)  # diversity positives
     group_generator = torch.Generator().manual_seed(seed + 2)  # codeword groups
