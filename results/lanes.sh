@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The converged runs behind the README's Results, run as "lanes" (each lane trains its models one
+# after another; every run is resumable), and their state carried between machines in the repository.
+#
+#   bash results/lanes.sh restore   # run records and carried runs in training into $WORK/saved, $WORK/small
+#   bash results/lanes.sh start     # start the lanes in the background (logs: $WORK/logs/<lane>-<model>.log)
+#   bash results/lanes.sh pack      # carry the runs in training into results/in_training/*.tar (then commit)
+#
+# Each lane runs from its own git worktree of the current commit, so editing the checkout does not
+# change the code of a run under way. The five lanes share the project's two cores (each run is slower,
+# the work done in a session about the same). A run that finishes leaves its record in $WORK/saved/runs:
+# copy it to results/<report>/runs/ and make the report (README, "Converged").
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+WORK="${WORK:-/work/results}"
+PY="${PY:-$ROOT/.venv/bin/python}"
+CONFIGS="properties/ml-100k.yaml properties/converge.yaml"
+
+# lane name | extra arguments ("small": the small-catalogue check, benchmarks/small_catalogue.py) | models
+LANES=(
+  "A||BERT4Rec TokenRec[tokenrec_loss=softmax]"
+  "B||TokenRec SETRec[llm_preset=qwen2-tiny]"
+  "L||LETTER"
+  "T||TTDS"
+  "S|small|LETTER"
+)
+
+lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $WORK/tree-NAME
+  local name=$1 extra=$2; shift 2
+  cd "$WORK/tree-$name"
+  for model in "$@"; do
+    local log="$WORK/logs/$name-${model//[^A-Za-z0-9_=.-]/_}.log"
+    if [ "$extra" = small ]; then
+      OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" benchmarks/small_catalogue.py --models "$model" \
+        --checkpoint_dir "$WORK/small" --out "$WORK/small/data" >> "$log" 2>&1 || true
+    else
+      OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" run_recbole_genrec.py --compare="$model" --dataset=ml-100k \
+        "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --show_progress=False --resume=True $extra \
+        >> "$log" 2>&1 || true
+    fi
+    echo "$(date -Is) $model done" >> "$WORK/logs/$name.done"
+  done
+}
+
+case "${1:-}" in
+  restore)
+    mkdir -p "$WORK/saved/runs" "$WORK/small/runs" "$WORK/logs"
+    cp -n "$ROOT"/results/ml-100k/runs/*.json "$ROOT"/results/ml-100k-warm_cold/runs/*.json "$WORK/saved/runs/"
+    for archive in "$ROOT"/results/in_training/ml-100k.tar; do
+      [ -f "$archive" ] && "$PY" -m recbole_genrec.evaluation.carry unpack "$archive" "$WORK/saved"
+    done
+    archive="$ROOT/results/in_training/small-catalogue.tar"
+    [ -f "$archive" ] && "$PY" -m recbole_genrec.evaluation.carry unpack "$archive" "$WORK/small"
+    cp -n "$ROOT"/results/small-catalogue/runs/*.json "$WORK/small/runs/" 2> /dev/null || true
+    true ;;
+  start)
+    if pgrep -f "run_recbole_genrec.py|small_catalogue.py" > /dev/null; then
+      echo "trainings are running already (pgrep -af run_recbole_genrec): not starting the lanes twice"; exit 1
+    fi
+    mkdir -p "$WORK/logs"
+    for spec in "${LANES[@]}"; do
+      IFS='|' read -r name extra models <<< "$spec"
+      git -C "$ROOT" worktree remove --force "$WORK/tree-$name" 2> /dev/null || true
+      git -C "$ROOT" worktree add -f --detach "$WORK/tree-$name" HEAD > /dev/null
+      # shellcheck disable=SC2086
+      (lane "$name" "$extra" $models &) > /dev/null 2>&1
+      echo "lane $name: $models"
+    done ;;
+  pack)
+    mkdir -p "$ROOT/results/in_training"
+    "$PY" -m recbole_genrec.evaluation.carry pack "$WORK/saved" "$ROOT/results/in_training/ml-100k.tar"
+    if [ -d "$WORK/small" ]; then
+      "$PY" -m recbole_genrec.evaluation.carry pack "$WORK/small" "$ROOT/results/in_training/small-catalogue.tar"
+      mkdir -p "$ROOT/results/small-catalogue/runs"
+      cp "$WORK"/small/runs/*.json "$ROOT/results/small-catalogue/runs/" 2> /dev/null || true
+    fi ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
+esac
