@@ -2,7 +2,7 @@
 # The converged runs behind the README's Results, run as "lanes" (each lane trains its models one
 # after another; every run is resumable), and their state carried between machines in the repository.
 #
-#   bash results/lanes.sh restore   # run records and carried runs in training into $WORK/saved, $WORK/small
+#   bash results/lanes.sh restore   # the records' package versions; records and carried runs into $WORK/saved, $WORK/small
 #   bash results/lanes.sh start     # start the lanes in the background (logs: $WORK/logs/<lane>-<model>.log)
 #   bash results/lanes.sh pack      # carry the runs in training into results/in_training/*.tar (then commit)
 #
@@ -44,7 +44,10 @@ lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $
 
 case "${1:-}" in
   restore)
+    # the package versions of the records (part of every run's fingerprint; torch is installed as the README says)
     mkdir -p "$WORK/saved/runs" "$WORK/small/runs" "$WORK/logs"
+    grep -v '^torch' "$ROOT/results/ml-100k/constraints.txt" > "$WORK/constraints.txt"
+    "$PY" -m pip install -q -c "$WORK/constraints.txt" transformers peft numpy pandas scipy faiss-cpu
     cp -n "$ROOT"/results/ml-100k/runs/*.json "$ROOT"/results/ml-100k-warm_cold/runs/*.json "$WORK/saved/runs/"
     for archive in "$ROOT"/results/in_training/ml-100k.tar; do
       [ -f "$archive" ] && "$PY" -m recbole_genrec.evaluation.carry unpack "$archive" "$WORK/saved"
