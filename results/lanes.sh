@@ -16,13 +16,14 @@ WORK="${WORK:-/work/results}"
 PY="${PY:-$ROOT/.venv/bin/python}"
 CONFIGS="properties/ml-100k.yaml properties/converge.yaml"
 
-# lane name | extra arguments ("small": the small-catalogue check, benchmarks/small_catalogue.py) | models
+# lane name | extra arguments ("small": the small-catalogue check, benchmarks/small_catalogue.py, with
+# MODEL:USER_SEED, the draw of 201 users) | models
 LANES=(
   "A||BERT4Rec TokenRec[tokenrec_loss=softmax]"
   "B||TokenRec SETRec[llm_preset=qwen2-tiny]"
   "L||LETTER"
   "T||TTDS"
-  "S|small|LETTER"
+  "S|small|SASRec:1 SASRec:2 TTDS:0"
 )
 
 lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $WORK/tree-NAME
@@ -31,8 +32,8 @@ lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $
   for model in "$@"; do
     local log="$WORK/logs/$name-${model//[^A-Za-z0-9_=.-]/_}.log"
     if [ "$extra" = small ]; then
-      OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" benchmarks/small_catalogue.py --models "$model" \
-        --checkpoint_dir "$WORK/small" --out "$WORK/small/data" >> "$log" 2>&1 || true
+      OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" benchmarks/small_catalogue.py --models "${model%:*}" \
+        --user_seed "${model#*:}" --checkpoint_dir "$WORK/small" --out "$WORK/small/data" >> "$log" 2>&1 || true
     else
       OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" run_recbole_genrec.py --compare="$model" --dataset=ml-100k \
         "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --show_progress=False --resume=True $extra \
