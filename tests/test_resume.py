@@ -96,13 +96,14 @@ def _state(path):
 
 def test_carry_packs_what_a_run_in_training_needs_and_unpacks_without_clobbering(tmp_path):
     """``carry`` takes each run's ``.last`` and best checkpoint and every stage file; it leaves
-    records, finished runs' best checkpoints, locks and temporaries; ``unpack`` refuses to replace
+    records, finished runs' checkpoints (a record names the run), locks and temporaries; ``unpack`` refuses to replace
     a file that differs (it may hold later epochs) unless forced."""
     src = tmp_path / "saved"
     (src / "runs").mkdir(parents=True)
     files = {"LETTER-ml-100k-aaaaaaaaaaaaaaaa.pth": b"best", "LETTER-ml-100k-aaaaaaaaaaaaaaaa.pth.last": b"last",
              "LETTER-ml-100k-cf-bbbbbbbbbbbbbbbb.pth": b"cf", "LETTER-ml-100k-tokenizer-cccccccccccccccc.pth": b"tok",
              "SASRec-ml-100k-dddddddddddddddd.pth": b"finished", "SASRec-ml-100k-dddddddddddddddd.pth.lock": b"1",
+             "SASRec-ml-100k-dddddddddddddddd.pth.last": b"stopped",  # a resumable run keeps it when it ends
              "TTDS-ml-100k-eeeeeeeeeeeeeeee.pth.last.123-ab.tmp": b"half", "runs/SASRec-ml-100k-seed2020-dddddddddddddddd.json": b"{}"}
     for name, data in files.items():
         (src / name).write_bytes(data)

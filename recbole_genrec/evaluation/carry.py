@@ -7,8 +7,9 @@ puts those files into one tar archive; ``unpack`` puts them back into a checkpoi
 the same command resumes each run at the epoch it had reached (the fingerprints in the names still
 decide what is reused: a run whose config, data, code or packages differ starts afresh).
 
-Left out: run records (``runs/``, kept beside the reports), best checkpoints of finished runs (their
-record holds the result), locks, temporary files and the text-embedding cache (recomputed).
+Left out: run records (``runs/``, kept beside the reports), the checkpoints of finished runs (those
+with a record: it holds the result, and the same command reuses it), locks, temporary files and the
+text-embedding cache (recomputed).
 
     python -m recbole_genrec.evaluation.carry pack CHECKPOINT_DIR ARCHIVE
     python -m recbole_genrec.evaluation.carry unpack ARCHIVE CHECKPOINT_DIR
@@ -42,12 +43,12 @@ def carried_files(checkpoint_dir: str) -> list[str]:
     for name in names:
         if not os.path.isfile(os.path.join(checkpoint_dir, name)):
             continue
-        if name.endswith(".pth" + LAST):
+        run = name[: -len(LAST)] if name.endswith(".pth" + LAST) else name
+        if not run.endswith(".pth"):
+            continue
+        m = _FINGERPRINT.search(run)
+        if not (m and m.group(1) in finished):  # a run in training (best so far, .last), or a stage file
             out.append(name)
-        elif name.endswith(".pth"):
-            m = _FINGERPRINT.search(name)
-            if name + LAST in names or not (m and m.group(1) in finished):
-                out.append(name)  # a run's best so far, a stage file, or a checkpoint of no finished run
     return sorted(out)
 
 
