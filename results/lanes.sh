@@ -17,12 +17,13 @@ PY="${PY:-$ROOT/.venv/bin/python}"
 CONFIGS="properties/ml-100k.yaml properties/converge.yaml"
 
 # lane name | extra arguments ("small": the small-catalogue check, benchmarks/small_catalogue.py, with
-# MODEL:USER_SEED, the draw of 201 users) | models
+# MODEL:USER_SEED, the draw of 201 users) | models (MODEL@warm_cold: the warm/cold protocol). A model
+# that has its record is reused in seconds, so a lane may list what is done already.
 LANES=(
-  "A||BERT4Rec TokenRec[tokenrec_loss=softmax]"
-  "B||TokenRec SETRec[llm_preset=qwen2-tiny]"
-  "L||LETTER"
-  "T||TTDS"
+  "A||BERT4Rec TokenRec[tokenrec_loss=softmax] SETRec@warm_cold TokenRec@warm_cold"
+  "B||TokenRec SETRec[llm_preset=qwen2-tiny] TIGER@warm_cold"
+  "L||LETTER LETTER@warm_cold"
+  "T||TTDS TTDS@warm_cold"
   "S|small|SASRec:1 SASRec:2 TTDS:0"
 )
 
@@ -35,9 +36,11 @@ lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $
       OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" benchmarks/small_catalogue.py --models "${model%:*}" \
         --user_seed "${model#*:}" --checkpoint_dir "$WORK/small" --out "$WORK/small/data" >> "$log" 2>&1 || true
     else
-      OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" run_recbole_genrec.py --compare="$model" --dataset=ml-100k \
-        "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --show_progress=False --resume=True $extra \
-        >> "$log" 2>&1 || true
+      local protocol=""
+      [ "${model%@warm_cold}" != "$model" ] && protocol="--protocol=warm_cold"
+      OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" run_recbole_genrec.py --compare="${model%@warm_cold}" \
+        --dataset=ml-100k "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --show_progress=False \
+        --resume=True $extra $protocol >> "$log" 2>&1 || true
     fi
     echo "$(date -Is) $model done" >> "$WORK/logs/$name.done"
   done
