@@ -53,11 +53,12 @@ case "${1:-}" in
     grep -v '^torch' "$ROOT/results/ml-100k/constraints.txt" > "$WORK/constraints.txt"
     "$PY" -m pip install -q -c "$WORK/constraints.txt" transformers peft numpy pandas scipy faiss-cpu
     cp -n "$ROOT"/results/ml-100k/runs/*.json "$ROOT"/results/ml-100k-warm_cold/runs/*.json "$WORK/saved/runs/"
-    for archive in "$ROOT"/results/in_training/ml-100k.tar; do
-      [ -f "$archive" ] && "$PY" -m recbole_genrec.evaluation.carry unpack "$archive" "$WORK/saved"
+    for pair in "ml-100k.tar saved" "small-catalogue.tar small"; do
+      read -r archive dir <<< "$pair"
+      if [ -f "$ROOT/results/in_training/$archive" ]; then
+        "$PY" -m recbole_genrec.evaluation.carry unpack "$ROOT/results/in_training/$archive" "$WORK/$dir"
+      fi
     done
-    archive="$ROOT/results/in_training/small-catalogue.tar"
-    [ -f "$archive" ] && "$PY" -m recbole_genrec.evaluation.carry unpack "$archive" "$WORK/small"
     cp -n "$ROOT"/results/small-catalogue/runs/*.json "$WORK/small/runs/" 2> /dev/null || true
     true ;;
   start)
