@@ -5,6 +5,7 @@
 #   bash results/lanes.sh restore   # the records' package versions; records and carried runs into $WORK/saved, $WORK/small
 #   bash results/lanes.sh start     # start the lanes in the background (logs: $WORK/logs/<lane>-<model>.log)
 #   bash results/lanes.sh pack      # carry the runs in training into results/in_training/*.tar (then commit)
+#   bash results/lanes.sh report    # copy new records into results/, make both reports, splice them into README.md
 #
 # Each lane runs from its own git worktree of the current commit, so editing the checkout does not
 # change the code of a run under way. The five lanes share the project's two cores (each run is slower,
@@ -18,7 +19,11 @@ CONFIGS="properties/ml-100k.yaml properties/converge.yaml"
 
 # lane name | extra arguments ("small": the small-catalogue check, benchmarks/small_catalogue.py, with
 # MODEL:USER_SEED, the draw of 201 users) | models (MODEL@warm_cold: the warm/cold protocol). A model
-# that has its record is reused in seconds, so a lane may list what is done already.
+# that has its record is reused in seconds (--reuse_runs: its record is kept as it is), so a lane may list
+# what is done already.
+LOO_MODELS="SASRec,BERT4Rec,LightGCN,LightGCN[stopping_step=20],TIGER,LETTER,SETRec,SETRec[llm_preset=qwen2-tiny],TokenRec,TokenRec[tokenrec_loss=softmax],TwoLevelLLMRec,TTDS"
+WARM_COLD_MODELS="SASRec,LightGCN,TwoLevelLLMRec,SETRec,TokenRec,TIGER,LETTER,TTDS"
+
 LANES=(
   "A||BERT4Rec TokenRec[tokenrec_loss=softmax] SETRec@warm_cold TokenRec@warm_cold"
   "B||TokenRec SETRec[llm_preset=qwen2-tiny] TIGER@warm_cold"
@@ -40,7 +45,7 @@ lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $
       [ "${model%@warm_cold}" != "$model" ] && protocol="--protocol=warm_cold"
       OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" run_recbole_genrec.py --compare="${model%@warm_cold}" \
         --dataset=ml-100k "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --show_progress=False \
-        --resume=True $extra $protocol >> "$log" 2>&1 || true
+        --resume=True --reuse_runs $extra $protocol >> "$log" 2>&1 || true
     fi
     echo "$(date -Is) $model done" >> "$WORK/logs/$name.done"
   done
@@ -82,5 +87,21 @@ case "${1:-}" in
       mkdir -p "$ROOT/results/small-catalogue/runs"
       cp "$WORK"/small/runs/*.json "$ROOT/results/small-catalogue/runs/" 2> /dev/null || true
     fi ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  report)
+    # the README's records-only commands ("Converged"): they train nothing and read $WORK/saved/runs
+    for record in "$WORK"/saved/runs/*.json; do
+      case "$(basename "$record")" in
+        *-warm_cold-*) cp -n "$record" "$ROOT/results/ml-100k-warm_cold/runs/" ;;
+        *) cp -n "$record" "$ROOT/results/ml-100k/runs/" ;;
+      esac
+    done
+    cd "$ROOT"
+    OMP_NUM_THREADS=1 "$PY" run_recbole_genrec.py --compare="$LOO_MODELS" --seeds=2020,2021,2022 --dataset=ml-100k \
+      "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --records_only --report=results/ml-100k
+    OMP_NUM_THREADS=1 "$PY" run_recbole_genrec.py --protocol=warm_cold --compare="$WARM_COLD_MODELS" --dataset=ml-100k \
+      "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --records_only --report=results/ml-100k-warm_cold
+    "$PY" -m recbole_genrec.evaluation.report README.md results/ml-100k/report.md ml-100k
+    "$PY" -m recbole_genrec.evaluation.report README.md results/ml-100k-warm_cold/report.md ml-100k-warm_cold
+    echo "look at every PNG under results/ml-100k and results/ml-100k-warm_cold, then update the README's bullets" ;;
+  *) sed -n '2,13p' "$0"; exit 2 ;;
 esac
