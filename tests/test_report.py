@@ -412,9 +412,11 @@ def test_versus_baseline_says_who_trails_sasrec_and_by_how_many_standard_errors(
     assert "recall@10 0.0900 vs 0.1000 (-0.0100)" in line and "is mixed against" in line
     grouped = [{**r, "targets": t, "n": 500} for r in rows for t in ("warm", "cold")]
     lines = report.versus_baseline(report.summarize(grouped, ("model", "targets")), runs, "targets")
-    assert [line.split(":")[0] for line in lines] == ["- **TIGER** is mixed against SASRec on warm targets",
-                                                    "- **TIGER** is mixed against SASRec on cold targets"]
+    assert [line.split(":")[0] for line in lines[:2]] == ["- **TIGER** is mixed against SASRec on warm targets",
+                                                        "- **TIGER** is mixed against SASRec on cold targets"]
     assert " SE" not in lines[0]  # the users of a group are not recorded: differences only
+    assert lines[2].startswith("- No standard errors for the targets groups") and "from 1000 test users" in lines[2]
+    assert len(lines) == 3
 
 
 def test_report_names_the_general_models_whose_training_items_recbole_masks():

@@ -164,7 +164,8 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
     way round). For hit@k, a share of test users, the difference is also given in standard errors:
     the unpaired ``sqrt(p1 (1-p1) / n + p2 (1-p2) / n)`` over ``n`` test users (conservative: both
     models rank the same users); for recall@k too where it equals hit@k (one target per user, as
-    in leave-one-out). Not for the group tables (their users per group are not recorded). Where
+    in leave-one-out). Not for the group tables (their users per group are not recorded: a last
+    line says so, with the number of test users the targets come from). Where
     every such difference is under one standard error the model is called level with the baseline,
     whatever the direction (which is said in brackets): "beats" at +0.2 SE would overstate it. Empty
     without the baseline."""
@@ -206,6 +207,12 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
             verdict, noise = "is level with", f" (within one standard error{direction})"
         where = f" on {summary[group_key]} {group_key}" if group_key else ""
         lines.append(f"- **{summary['model']}** {verdict} {baseline}{where}{noise}: " + "; ".join(parts) + ".")
+    if group_key and lines:  # no SE: say how few independent units the verdicts rest on
+        n_users = users.get(baseline)
+        source = f"come from {n_users} test users, several targets each" if n_users else "are not independent"
+        lines.append(f"- No standard errors for the {group_key} groups (the records keep no per-group user "
+                     f"counts), and their test targets {source}: a \"beats\" or \"trails\" here may be "
+                     "within the noise.")
     return lines
 
 
