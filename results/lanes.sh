@@ -18,18 +18,19 @@ PY="${PY:-$ROOT/.venv/bin/python}"
 CONFIGS="properties/ml-100k.yaml properties/converge.yaml"
 
 # lane name | extra arguments ("small": the small-catalogue check, benchmarks/small_catalogue.py, with
-# MODEL:USER_SEED, the draw of 201 users) | models (MODEL@warm_cold: the warm/cold protocol). A model
+# MODEL:USER_SEED, the draw of 201 users) | models (MODEL@warm_cold: the warm/cold protocol; MODEL#SEEDS:
+# one run per seed, e.g. LightGCN#2020,2021,2022). A model
 # that has its record is reused in seconds (--reuse_runs: its record is kept as it is), so a lane may list
 # what is done already.
 LOO_MODELS="SASRec,BERT4Rec,LightGCN,LightGCN[stopping_step=20],TIGER,LETTER,SETRec,SETRec[llm_preset=qwen2-tiny],TokenRec,TokenRec[tokenrec_loss=softmax],TwoLevelLLMRec,TTDS"
 WARM_COLD_MODELS="SASRec,LightGCN,TwoLevelLLMRec,SETRec,TokenRec,TIGER,LETTER,TTDS"
 
 LANES=(
-  "A||BERT4Rec TokenRec[tokenrec_loss=softmax] SETRec@warm_cold TokenRec@warm_cold"
-  "B||TokenRec SETRec[llm_preset=qwen2-tiny] TIGER@warm_cold"
+  "A||SASRec LightGCN#2020,2021,2022 LightGCN[stopping_step=20]#2020,2021,2022 TwoLevelLLMRec SASRec@warm_cold LightGCN@warm_cold TwoLevelLLMRec@warm_cold TokenRec@warm_cold"
+  "B||TIGER SETRec TIGER@warm_cold SETRec@warm_cold"
   "L||LETTER LETTER@warm_cold"
   "T||TTDS TTDS@warm_cold"
-  "S|small|SASRec:1 SASRec:2 TTDS:0"
+  "S||TokenRec TokenRec[tokenrec_loss=softmax] BERT4Rec SETRec[llm_preset=qwen2-tiny]"
 )
 
 lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $WORK/tree-NAME
@@ -41,11 +42,13 @@ lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $
       OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" benchmarks/small_catalogue.py --models "${model%:*}" \
         --user_seed "${model#*:}" --checkpoint_dir "$WORK/small" --out "$WORK/small/data" >> "$log" 2>&1 || true
     else
-      local protocol=""
-      [ "${model%@warm_cold}" != "$model" ] && protocol="--protocol=warm_cold"
-      OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" run_recbole_genrec.py --compare="${model%@warm_cold}" \
+      local protocol="" seeds="" spec="$model"
+      if [ "${spec%#*}" != "$spec" ]; then seeds="--seeds=${spec#*#}"; spec="${spec%#*}"; fi
+      if [ "${spec%@warm_cold}" != "$spec" ]; then protocol="--protocol=warm_cold"; spec="${spec%@warm_cold}"; fi
+      # shellcheck disable=SC2086
+      OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" run_recbole_genrec.py --compare="$spec" \
         --dataset=ml-100k "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --show_progress=False \
-        --resume=True --reuse_runs $extra $protocol >> "$log" 2>&1 || true
+        --resume=True --reuse_runs $extra $protocol $seeds >> "$log" 2>&1 || true
     fi
     echo "$(date -Is) $model done" >> "$WORK/logs/$name.done"
   done

@@ -152,3 +152,66 @@ def test_ttds_cached_beam_equals_uncached_and_exact(ttds):
     with torch.no_grad():
         exact = model.predict(rep).view(B, n)
     assert_exact_ranking(items, scores, exact)
+
+
+# ----- a protocol that ranks targets within part of the catalogue (warm/cold) ---------------------
+def some_items(model, n, seed=0):
+    allowed = torch.zeros(model.n_items, dtype=torch.bool)
+    allowed[1 + torch.randperm(model.n_items - 1, generator=torch.Generator().manual_seed(seed))[:n]] = True
+    return allowed
+
+
+def assert_decodes_within(model, batch, exact, n_allowed=8):
+    """Under ``restricted_catalogue`` a beam model decodes among the allowed items only, and (its
+    beam covering them) gives their exact ranking; outside the block it decodes every item again."""
+    from recbole_genrec.evaluation.runs import restricted_catalogue
+
+    assert n_allowed <= model.beam_size
+    allowed = some_items(model, n_allowed)
+    with restricted_catalogue(model, allowed):
+        scores = model.full_sort_predict(batch)
+    finite = torch.isfinite(scores)
+    assert not (finite & ~allowed).any()
+    assert (finite.sum(1) == n_allowed).all()  # every allowed item decoded, not the few the full beam reached
+    assert torch.allclose(scores[:, allowed], exact[:, allowed], atol=1e-4)
+    assert (torch.isfinite(model.full_sort_predict(batch)) & ~allowed).any()
+
+
+def test_tiger_decodes_within_a_restricted_catalogue(tiger):
+    model, test = tiger
+    batch = next(iter(test))[0][torch.arange(8)]
+    assert_decodes_within(model, batch, model.exact_scores(batch))
+
+
+def test_ttds_decodes_within_a_restricted_catalogue(ttds):
+    model, test = ttds
+    batch = next(iter(test))[0][torch.arange(6)]
+    n = model.n_items - 1
+    rep = batch.repeat_interleave(n)
+    rep.update(type(batch)({model.ITEM_ID: torch.arange(1, model.n_items).repeat(len(batch))}))
+    with torch.no_grad():
+        exact = model.predict(rep).view(len(batch), n)
+    assert_decodes_within(model, batch, torch.cat([torch.full((len(batch), 1), float("-inf")), exact], 1))
+
+
+def test_a_target_scored_minus_inf_is_a_miss_not_a_tie_won(tiger):
+    """A row with fewer than k finite scores: RecBole's top-k fills the rest with ``-inf`` items in
+    torch's tie order; a target among them must not count as a hit (it would for 8 of these 9 rows)."""
+    from recbole.evaluator import Collector
+
+    from recbole_genrec.evaluation.runs import unscored_items_are_misses
+
+    model, _ = tiger
+    collector = Collector(model.config)
+    unscored_items_are_misses(collector)
+    n_items, rows = 11, 9  # k = 10: two finite scores per row, nine -inf items of which 8 fill the top-10
+    scores = torch.full((rows + 1, n_items), float("-inf"))
+    scores[:, 0:2] = torch.tensor([2.0, 1.0])
+    positive_u = torch.arange(rows + 1)
+    positive_i = torch.cat([torch.arange(2, 2 + rows), torch.tensor([1])])  # each -inf item once; last row: item 1
+    collector.eval_batch_collect(scores, None, positive_u, positive_i)
+    topk = collector.data_struct.get("rec.topk")
+    hits, n_targets = topk[:, :10].sum(1), topk[:, -1]
+    assert hits[:rows].sum() == 0  # no -inf target is a hit
+    assert hits[rows] == 1  # a finite target is ranked as RecBole ranks it
+    assert (n_targets == 1).all()  # every target still counts in its user's recall

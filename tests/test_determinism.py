@@ -116,3 +116,16 @@ def test_cf_stage_does_not_depend_on_the_llm_backbone_it_is_not_fingerprinted_by
     (name_t5, emb_t5), (name_qwen, emb_qwen) = out["t5-tiny"], out["qwen2-tiny"]
     assert name_t5 == name_qwen  # one fingerprint: a later run resumes the other's file
     assert torch.equal(emb_t5, emb_qwen)
+
+
+def test_letter_tokenizer_does_not_depend_on_the_backbone_it_is_not_fingerprinted_by(tmp_path):
+    """LETTER's tokenizer stage is signed by the seed and its own settings, not by the backbone's
+    (LoRA here): its initial weights must not come from the random draws of building that backbone."""
+    out = {}
+    for use_lora in (False, True):
+        _, _, trainer, _, _, _ = _prepare("LETTER", "genrec-tiny", [TINY_YAML],
+                                          {"checkpoint_dir": str(tmp_path / str(use_lora)), "use_lora": use_lora})
+        out[use_lora] = trainer._fingerprint("tokenizer", []), trainer.model.rq_vae.state_dict()
+    (key_full, rq_full), (key_lora, rq_lora) = out[False], out[True]
+    assert key_full == key_lora  # one tokenizer stage file for both
+    assert rq_full.keys() == rq_lora.keys() and all(torch.equal(rq_full[k], rq_lora[k]) for k in rq_full)

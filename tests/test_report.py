@@ -497,6 +497,12 @@ def test_run_fingerprint_covers_package_versions_and_the_model_files_a_run_loads
     assert set(first["llm_path"]) == {"config.json", "model.safetensors"}
     (tmp_path / "llm" / "model.safetensors").write_bytes(b"other weights")
     assert fingerprint.assets_fingerprint(config) != first
+    # cf_model_path: the checkpoint's content, not only its name
+    (tmp_path / "cf.pth").write_bytes(b"one training")
+    config = {"llm_path": None, "text_encoder_path": None, "cf_model_path": str(tmp_path / "cf.pth")}
+    first = fingerprint.assets_fingerprint(config)
+    (tmp_path / "cf.pth").write_bytes(b"another training")
+    assert fingerprint.assets_fingerprint(config) != first
 
 
 def test_report_pins_every_version_the_run_fingerprint_reads(tmp_path, monkeypatch):

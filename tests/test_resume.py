@@ -185,6 +185,8 @@ def test_finished_run_with_resume_is_not_trained_again(tmp_path, monkeypatch):
     again = run_recbole_genrec("SASRec", "genrec-tiny", [TINY_YAML], dict(config))
     assert again["model_file"] == first["model_file"]
     assert again["test_result"] == first["test_result"] and again["valid_curve"] == first["valid_curve"]
+    # the run's training time, kept in its .last checkpoint: not the few ms of the process that found it done
+    assert again["train_time_s"] >= 0.9 * first["train_time_s"] > 0
 
 
 def test_run_names_follow_the_config_and_resume_checkpoint_names_a_run(tmp_path):

@@ -98,6 +98,7 @@ def test_a_cf_stage_is_signed_by_the_trainer_settings_it_trains_with(tmp_path, m
     assert cf_key(stopping_step=5, learning_rate=0.0123) == base
     assert cf_key(stopping_step=10) != base
     assert cf_key(stopping_step=5, train_batch_size=17) != base
+    assert cf_key(stopping_step=5, world_size=2) != base  # a distributed stage splits its batches
     seen = []
     real_init = Trainer.__init__
 

@@ -478,3 +478,10 @@ def test_tiger_hashed_user_token_is_prepended_and_trained(tmp_path):
     model.calculate_loss(batch).backward()
     grad = model.llm.get_input_embeddings().weight.grad
     assert grad[torch.unique(ids[:, 0])].abs().sum(1).gt(0).all()
+
+
+@pytest.mark.parametrize("model", ["TIGER", "LETTER"])
+def test_unknown_collision_handling_is_refused(tmp_path, model):
+    with pytest.raises(ValueError, match="collision_handling must be 'suffix' or 'sinkhorn', got 'sufix'"):
+        run_recbole_genrec(model, "genrec-tiny", [TINY_YAML],
+                           {"checkpoint_dir": str(tmp_path), "collision_handling": "sufix"}, saved=False)

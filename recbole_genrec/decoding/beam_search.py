@@ -53,6 +53,18 @@ class PrefixTrie:
         return valid, torch.where(valid, self.children[depth][pos], torch.zeros_like(pos))
 
 
+def item_trie(codes: torch.Tensor, vocab_size: int, allowed: torch.Tensor | None = None) -> PrefixTrie:
+    """The trie over the code sequences ``codes[1:]`` of items ``1 .. n-1`` (row 0: the padding
+    item), or over the ``allowed`` items only (``[n]`` bool, e.g. a protocol's cold items), on the
+    device of ``codes``."""
+    items = torch.arange(1, len(codes))
+    if allowed is not None:
+        items = items[allowed[1:].cpu()]
+        if len(items) == 0:
+            raise ValueError("item_trie: no allowed item to decode")
+    return PrefixTrie(codes.cpu()[items], items, vocab_size).to(codes.device)
+
+
 def _unique_first(keys):
     uniq, inverse = torch.unique(keys, return_inverse=True)
     first = torch.full((len(uniq),), len(keys), dtype=torch.long)

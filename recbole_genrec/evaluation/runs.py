@@ -52,7 +52,32 @@ def prepare(model, dataset, config_file_list, config_dict):
             trainer.saved_model_file = unique_checkpoint_file(config)
     if config["eval_mask_history"]:
         install_history_mask(trainer, train_data, valid_data, test_data)
+    if hasattr(trainer, "eval_collector"):
+        unscored_items_are_misses(trainer.eval_collector)
     return config, logger, trainer, train_data, valid_data, test_data
+
+
+def unscored_items_are_misses(collector) -> None:
+    """Make RecBole's top-k collector count a target scored ``-inf`` as a miss.
+
+    A beam model scores only the items its beam reached (``-inf`` elsewhere), and a protocol's mask
+    or ``eval_mask_history`` sets more items to ``-inf``. Where a row has fewer than k finite
+    scores, ``torch.topk`` fills the top-k with ``-inf`` items in an order of its own, and a target
+    among them would count as a hit that no model made. Here the other ``-inf`` items get the
+    lowest finite score instead, so a ``-inf`` target ranks below every item and is never in the
+    top-k (its user's number of targets is unchanged). Rows without ``-inf`` targets keep their
+    top-k as RecBole computes it."""
+    collect = collector.eval_batch_collect
+
+    def eval_batch_collect(scores_tensor, interaction, positive_u, positive_i):
+        unscored = torch.isneginf(scores_tensor)
+        if unscored.any():
+            scores_tensor = scores_tensor.masked_fill(unscored, torch.finfo(scores_tensor.dtype).min)
+            targets = unscored[positive_u, positive_i]
+            scores_tensor[positive_u[targets], positive_i[targets]] = float("-inf")
+        return collect(scores_tensor, interaction, positive_u, positive_i)
+
+    collector.eval_batch_collect = eval_batch_collect
 
 
 def started(logger, label: str) -> None:
@@ -65,14 +90,18 @@ def done(logger, label: str, start: float, detail: str = "") -> None:
 
 def fit_recording(trainer, train_data, valid_data, saved=True, show_progress=False):
     """``trainer.fit`` that also returns the validation curve ``[(epoch, valid_score)]``, taken
-    through RecBole's ``callback_fn(epoch_idx, valid_score)`` (called after each evaluation)."""
+    through RecBole's ``callback_fn(epoch_idx, valid_score)`` (called after each evaluation), and
+    the training time: ``(best, curve, train_time_s)``. A resumable trainer gives the time of the
+    whole run (its stages and every process that trained its epochs); other trainers, this call's."""
     curve = []
     params = inspect.signature(trainer.fit).parameters
     kwargs = {}
     if "callback_fn" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         kwargs["callback_fn"] = lambda epoch, score: curve.append((int(epoch), float(score)))
+    start = time.perf_counter()
     best = trainer.fit(train_data, valid_data, saved=saved, show_progress=show_progress, **kwargs)
-    return best, curve
+    train_time = getattr(trainer, "run_train_time_s", None)
+    return best, curve, time.perf_counter() - start if train_time is None else train_time
 
 
 def n_users(loader) -> int:
@@ -90,10 +119,8 @@ def train_and_test_once(model, dataset, config_file_list=None, config_dict=None,
     config, logger, trainer, train_data, valid_data, test_data = prepare(
         model, dataset, config_file_list, dict(config_dict or {}))
     started(logger, label)
-    t = time.perf_counter()
-    (best_valid_score, best_valid_result), curve = fit_recording(
+    (best_valid_score, best_valid_result), curve, train_time = fit_recording(
         trainer, train_data, valid_data, saved=saved, show_progress=config["show_progress"])
-    train_time = time.perf_counter() - t
     t = time.perf_counter()
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
     test_time = time.perf_counter() - t
@@ -139,7 +166,8 @@ def subset_loader(loader, rows: torch.Tensor):
 
 @contextlib.contextmanager
 def restricted_catalogue(model, allowed: torch.Tensor):
-    """Within the block, ``model.full_sort_predict`` scores only ``allowed`` items (others -inf)."""
+    """Within the block, ``model.full_sort_predict`` scores only ``allowed`` items (others -inf);
+    a model that decodes (``restricted_decoding``) decodes among them only."""
     original = model.full_sort_predict
 
     def masked(interaction):
@@ -147,11 +175,13 @@ def restricted_catalogue(model, allowed: torch.Tensor):
         scores[:, ~allowed.to(scores.device)] = float("-inf")
         return scores
 
-    model.full_sort_predict = masked
-    try:
-        yield
-    finally:
-        del model.full_sort_predict
+    restrict = getattr(model, "restricted_decoding", None)
+    with restrict(allowed) if restrict is not None else contextlib.nullcontext():
+        model.full_sort_predict = masked
+        try:
+            yield
+        finally:
+            del model.full_sort_predict
 
 
 def warm_cold_metrics(trainer, train_data, test_data, load_best_model=False, timings: dict | None = None) -> dict:
@@ -187,9 +217,8 @@ def warm_cold_once(model, dataset, config_file_list, config_dict, saved=True, la
     label = label or f"model {model}"
     config, logger, trainer, train_data, valid_data, test_data = prepare(model, dataset, config_file_list, config_dict)
     started(logger, label)
-    t = time.perf_counter()
-    _, curve = fit_recording(trainer, train_data, valid_data, saved=saved, show_progress=config["show_progress"])
-    train_time = time.perf_counter() - t
+    _, curve, train_time = fit_recording(trainer, train_data, valid_data, saved=saved,
+                                         show_progress=config["show_progress"])
     timings = {}
     groups = warm_cold_metrics(trainer, train_data, test_data, load_best_model=saved, timings=timings)
     for group, (metrics, n) in groups.items():
@@ -213,9 +242,8 @@ def unseen_users_once(model, dataset, config_file_list, config_dict, saved=True,
     unseen = trainer.model.unseen_users.cpu()
     valid_users = valid_data._dataset.inter_feat[valid_data._dataset.uid_field]
     valid_data = subset_loader(valid_data, ~unseen[valid_users])  # early stopping on seen users only
-    t = time.perf_counter()
-    _, curve = fit_recording(trainer, train_data, valid_data, saved=saved, show_progress=config["show_progress"])
-    train_time = time.perf_counter() - t
+    _, curve, train_time = fit_recording(trainer, train_data, valid_data, saved=saved,
+                                         show_progress=config["show_progress"])
     users = test_data._dataset.inter_feat[test_data._dataset.uid_field]
     groups, test_time = {}, 0.0
     for i, (group, mask) in enumerate({"seen": ~unseen[users], "unseen": unseen[users]}.items()):

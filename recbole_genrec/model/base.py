@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -26,10 +27,33 @@ class GenerativeRecommender(SequentialRecommender):
     """A sequential RecBole model with named pre-training stages (see ``StagedTrainer``)."""
 
     stages: tuple = ()
+    # ``[n_items]`` bool, or None (every item): the items a decoding model (a trie-constrained beam
+    # search) may return; set only inside :meth:`restricted_decoding`
+    allowed_items = None
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.config = config
+
+    @contextlib.contextmanager
+    def restricted_decoding(self, allowed: torch.Tensor):
+        """Within the block, a model that decodes (TIGER, LETTER, TTDS: beam search over a trie of
+        item codes) decodes among the ``allowed`` items only (``[n_items]`` bool), so that a
+        protocol ranking targets within part of the catalogue (warm/cold: cold targets among cold
+        items) gets the model's own ranking of that part, not the few of its beam that fall there.
+        Models that score every item need nothing: the protocol masks the others."""
+        previous = self.allowed_items
+        self.allowed_items = allowed.bool()
+        self._reset_decoding()
+        try:
+            yield
+        finally:
+            self.allowed_items = previous
+            self._reset_decoding()
+
+    def _reset_decoding(self) -> None:
+        if hasattr(self, "_trie"):
+            self._trie = None  # rebuilt over the items now allowed
 
     @staticmethod
     def option(config, key, choices):

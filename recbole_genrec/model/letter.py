@@ -33,11 +33,15 @@ class LETTER(TIGER):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.rq_vae = LetterRQVAE(
-            self.item_text_emb.shape[1], hidden=tuple(config["rq_hidden"]), e_dim=config["rq_e_dim"],
-            levels=self.levels, codebook_size=self.codebook_size, beta=config["rq_beta"],
-            sk_epsilon=config["letter_sk_epsilon"], sk_iters=config["letter_sk_iters"],
-        )
+        # the tokenizer's initial weights come from the seed alone, not from the random state the
+        # backbone built before them leaves (its size, LoRA): the tokenizer stage signs the seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config["seed"])
+            self.rq_vae = LetterRQVAE(
+                self.item_text_emb.shape[1], hidden=tuple(config["rq_hidden"]), e_dim=config["rq_e_dim"],
+                levels=self.levels, codebook_size=self.codebook_size, beta=config["rq_beta"],
+                sk_epsilon=config["letter_sk_epsilon"], sk_iters=config["letter_sk_iters"],
+            )
         self.register_buffer("cf_item_emb", torch.zeros(self.n_items, config["rq_e_dim"]))
         self.gen_temperature = config["gen_temperature"] or 1.0
 

@@ -24,7 +24,7 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
-from recbole_genrec.decoding import PrefixTrie, constrained_beam_search, full_scores, seq2seq_stepper
+from recbole_genrec.decoding import PrefixTrie, constrained_beam_search, full_scores, item_trie, seq2seq_stepper
 from recbole_genrec.llm.backbone import add_new_tokens, apply_lora, backbone_from_config
 from recbole_genrec.model.base import GenerativeRecommender
 from recbole_genrec.quantize.codes import build_code_table, catalogue_codebook_size, code_tokens
@@ -50,6 +50,8 @@ class TIGER(GenerativeRecommender):
         if self.beam_size < topk:
             raise ValueError(f"beam_size ({self.beam_size}) must be >= the largest topk ({topk})")
         self.collision_handling = config["collision_handling"] or self.collision_handling_default
+        if self.collision_handling not in ("suffix", "sinkhorn"):
+            raise ValueError(f"collision_handling must be 'suffix' or 'sinkhorn', got {self.collision_handling!r}")
 
         text_emb = self.item_text_embeddings(config, dataset)
         self.register_buffer("item_text_emb", text_emb, persistent=False)
@@ -186,10 +188,9 @@ class TIGER(GenerativeRecommender):
 
     @property
     def trie(self) -> PrefixTrie:
-        if self._trie is None:
-            items = torch.arange(1, self.n_items, device=self.item_codes.device)
+        if self._trie is None:  # every item, or the ones a protocol allows (restricted_decoding)
             vocab = self.token_offset + self.depth * self.codebook_size  # above every code token
-            self._trie = PrefixTrie(self.item_codes[1:].cpu(), items.cpu(), vocab).to(self.item_codes.device)
+            self._trie = item_trie(self.item_codes, vocab, self.allowed_items)
         return self._trie
 
     @torch.no_grad()

@@ -81,7 +81,7 @@ from torch import nn
 
 from recbole_genrec.data import TextEncoder, item_text_embeddings, load_item_texts, load_user_texts
 from recbole_genrec.decoding import (PrefixTrie, causal_stepper, constrained_beam_search, full_scores,
-                                     seq2seq_stepper)
+                                     item_trie, seq2seq_stepper)
 from recbole_genrec.llm.backbone import add_new_tokens, apply_lora, backbone_from_config, transformer_body
 from recbole_genrec.model.base import GenerativeRecommender
 from recbole_genrec.quantize.codes import build_code_table
@@ -771,10 +771,8 @@ class TTDS(GenerativeRecommender):
 
     @property
     def trie(self) -> PrefixTrie:
-        if self._trie is None:
-            items = torch.arange(1, self.n_items, device=self.item_sid.device)
-            vocab = self.item_offset + 2 * self.n_id + 1
-            self._trie = PrefixTrie(self.item_sid[1:].cpu(), items.cpu(), vocab).to(self.item_sid.device)
+        if self._trie is None:  # every item, or the ones a protocol allows (restricted_decoding)
+            self._trie = item_trie(self.item_sid, self.item_offset + 2 * self.n_id + 1, self.allowed_items)
         return self._trie
 
     @torch.no_grad()

@@ -243,6 +243,7 @@ class ResumableTrainer:
             {str(k): float(v) for k, v in self.best_valid_result.items()},
             "valid_curve": [(int(e), float(s)) for e, s in self.valid_curve],
             "valid_step": self._valid_step,
+            "recommender_time_s": self._recommender_time_s(),
             "state_dict": self.model.state_dict(),
             "other_parameter": self.model.other_parameter(),
             "optimizer": self.optimizer.state_dict(),
@@ -280,6 +281,7 @@ class ResumableTrainer:
         self.best_valid_result = None if result is None else OrderedDict(result)
         self.valid_curve = [tuple(point) for point in state["valid_curve"]]
         self._valid_step = state.get("valid_step", 0)
+        self._time_before = float(state.get("recommender_time_s", 0.0))
         finished = state["stopped"] or self.start_epoch >= self.epochs
         if finished:
             how = "stopped early" if state["stopped"] else f"{self.epochs} epochs"
@@ -290,9 +292,20 @@ class ResumableTrainer:
         return finished, state["rng"]
 
     # ----- the recommender stage -------------------------------------------------------
+    def _recommender_time_s(self) -> float:
+        """Seconds the recommender stage has trained: this process's ``fit`` so far plus, after a
+        resume, the earlier processes' (kept in the ``.last`` checkpoint)."""
+        return self._time_before + time.perf_counter() - self._fit_start
+
+    def _stage_time_s(self) -> float:
+        return 0.0
+
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        """RecBole's ``fit``, resumable; sets ``run_train_time_s``, the training time of the whole
+        run (stages, and the recommender epochs of every process that trained them)."""
         self._valid_step = 0
         self.valid_curve = []
+        self._time_before, self._fit_start = 0.0, time.perf_counter()
         try:
             if not saved:
                 if self.resumable:
@@ -310,6 +323,7 @@ class ResumableTrainer:
                 os.remove(self.last_checkpoint_file)  # the run is over: its best checkpoint stays
             return result
         finally:
+            self.run_train_time_s = self._stage_time_s() + self._recommender_time_s()
             if self._lock is not None:
                 self._lock.release()
 
@@ -444,12 +458,17 @@ class StagedTrainer(ResumableTrainer, Trainer):
             "code": run_code_fingerprint(self.config["model"]),
             "assets": assets_fingerprint(self.config),
             "seed": self.config["seed"],
+            "world_size": self.config["world_size"],  # a distributed stage splits each batch over its processes
             "stage": stage,
             "stage_config": self.stage_config(stage),
             "signature": self.model.stage_signature(stage),
             "previous": previous,
         }
         return digest(payload)
+
+    def _stage_time_s(self) -> float:
+        """Seconds the run's stages took when they were trained (also when this run loaded them)."""
+        return sum(float((metrics or {}).get("time_s", 0.0)) for metrics in getattr(self, "stage_results", {}).values())
 
     def _load_stage_file(self, stage: str, path: str):
         """The stage file's content once its checksum is verified, else ``None`` (a corrupted
