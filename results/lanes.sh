@@ -6,6 +6,7 @@
 #   bash results/lanes.sh start     # start the lanes in the background (logs: $WORK/logs/<lane>-<model>.log)
 #   bash results/lanes.sh pack      # carry the runs in training into results/in_training/*.tar (then commit)
 #   bash results/lanes.sh report    # copy new records into results/, make both reports, splice them into README.md
+#   bash results/lanes.sh stop      # end the lanes (their queues first, then the runs: each resumes later)
 #
 # Each lane runs from its own git worktree of the current commit, so editing the checkout does not
 # change the code of a run under way. The five lanes share the project's two cores (each run is slower,
@@ -106,5 +107,9 @@ case "${1:-}" in
     "$PY" -m recbole_genrec.evaluation.report README.md results/ml-100k/report.md ml-100k
     "$PY" -m recbole_genrec.evaluation.report README.md results/ml-100k-warm_cold/report.md ml-100k-warm_cold
     echo "look at every PNG under results/ml-100k and results/ml-100k-warm_cold, then update the README's bullets" ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  stop)
+    # the lanes' shells first: killing only a run would start the next model of its queue
+    pkill -f "results/lanes.sh start" || true
+    pkill -f "run_recbole_genrec.py|small_catalogue.py" || true ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
 esac
