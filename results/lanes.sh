@@ -4,6 +4,7 @@
 #
 #   bash results/lanes.sh restore   # the records' package versions; records and carried runs into $WORK/saved, $WORK/small
 #   bash results/lanes.sh start     # start the lanes in the background (logs: $WORK/logs/<lane>-<model>.log)
+#   bash results/lanes.sh start A   # start lane A only (one whose queue was ended or changed)
 #   bash results/lanes.sh pack      # carry the runs in training into results/in_training/*.tar (then commit)
 #   bash results/lanes.sh report    # copy new records into results/, make both reports, splice them into README.md
 #   bash results/lanes.sh stop      # end the lanes (their queues first, then the runs: each resumes later)
@@ -27,7 +28,7 @@ LOO_MODELS="SASRec,BERT4Rec,LightGCN,LightGCN[stopping_step=20],TIGER,LETTER,SET
 WARM_COLD_MODELS="SASRec,LightGCN,TwoLevelLLMRec,SETRec,TokenRec,TIGER,LETTER,TTDS"
 
 LANES=(
-  "A||SASRec LightGCN#2020,2021,2022 LightGCN[stopping_step=20]#2020,2021,2022 TwoLevelLLMRec SASRec@warm_cold LightGCN@warm_cold TwoLevelLLMRec@warm_cold TokenRec@warm_cold"
+  "A||LightGCN#2020,2021,2022 LightGCN[stopping_step=20]#2020,2021,2022 SASRec TwoLevelLLMRec SASRec@warm_cold LightGCN@warm_cold TwoLevelLLMRec@warm_cold TokenRec@warm_cold"
   "B||TIGER SETRec TIGER@warm_cold SETRec@warm_cold"
   "L||LETTER LETTER@warm_cold"
   "T||TTDS TTDS@warm_cold"
@@ -71,12 +72,16 @@ case "${1:-}" in
     cp -n "$ROOT"/results/small-catalogue/runs/*.json "$WORK/small/runs/" 2> /dev/null || true
     true ;;
   start)
-    if pgrep -f "run_recbole_genrec.py|small_catalogue.py" > /dev/null; then
-      echo "trainings are running already (pgrep -af run_recbole_genrec): not starting the lanes twice"; exit 1
-    fi
+    shift
     mkdir -p "$WORK/logs"
     for spec in "${LANES[@]}"; do
       IFS='|' read -r name extra models <<< "$spec"
+      if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi
+      for pid in $(pgrep -f "run_recbole_genrec.py|small_catalogue.py|results/lanes.sh start"); do
+        if [ "$(readlink "/proc/$pid/cwd" 2> /dev/null)" = "$WORK/tree-$name" ]; then
+          echo "lane $name is running (process $pid): not starting it twice"; exit 1
+        fi
+      done
       git -C "$ROOT" worktree remove --force "$WORK/tree-$name" 2> /dev/null || true
       git -C "$ROOT" worktree add -f --detach "$WORK/tree-$name" HEAD > /dev/null
       # shellcheck disable=SC2086
