@@ -66,15 +66,17 @@ def unscored_items_are_misses(collector) -> None:
     among them would count as a hit that no model made. Here the other ``-inf`` items get the
     lowest finite score instead, so a ``-inf`` target ranks below every item and is never in the
     top-k (its user's number of targets is unchanged). Rows without ``-inf`` targets keep their
-    top-k as RecBole computes it."""
+    top-k and ranks as RecBole computes them (a rank-based metric such as GAUC, not used here, sees
+    a ``-inf`` target ranked last)."""
     collect = collector.eval_batch_collect
 
     def eval_batch_collect(scores_tensor, interaction, positive_u, positive_i):
         unscored = torch.isneginf(scores_tensor)
-        if unscored.any():
+        if scores_tensor.dim() == 2 and unscored.any():  # full ranking (value metrics score 1-d)
+            rows, items = positive_u.to(scores_tensor.device), positive_i.to(scores_tensor.device)
             scores_tensor = scores_tensor.masked_fill(unscored, torch.finfo(scores_tensor.dtype).min)
-            targets = unscored[positive_u, positive_i]
-            scores_tensor[positive_u[targets], positive_i[targets]] = float("-inf")
+            targets = unscored[rows, items]
+            scores_tensor[rows[targets], items[targets]] = float("-inf")
         return collect(scores_tensor, interaction, positive_u, positive_i)
 
     collector.eval_batch_collect = eval_batch_collect

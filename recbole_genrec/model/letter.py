@@ -35,8 +35,8 @@ class LETTER(TIGER):
         super().__init__(config, dataset)
         # the tokenizer's initial weights come from the seed alone, not from the random state the
         # backbone built before them leaves (its size, LoRA): the tokenizer stage signs the seed
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config["seed"])
+        with torch.random.fork_rng(devices=[]):  # the CPU generator, restored after
+            torch.default_generator.manual_seed(config["seed"])
             self.rq_vae = LetterRQVAE(
                 self.item_text_emb.shape[1], hidden=tuple(config["rq_hidden"]), e_dim=config["rq_e_dim"],
                 levels=self.levels, codebook_size=self.codebook_size, beta=config["rq_beta"],

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,7 @@ class SETRecTrainer(StagedTrainer):
         result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         if valid_data is None or not (self.model.use_cf and self.model.use_sem):
             return result
+        start = time.perf_counter()  # choosing beta is part of training: it joins the run's train time
         self.wait_for_rank0()
         if saved and os.path.isfile(self.saved_model_file):
             checkpoint = safe_torch_load(self.saved_model_file, map_location=self.device)
@@ -72,6 +74,7 @@ class SETRecTrainer(StagedTrainer):
         if saved:
             self.best_valid_score = best_score
             self._save_checkpoint(self.start_epoch, verbose=False)
+        self.run_train_time_s += time.perf_counter() - start
         return best_score, best_result
 
 

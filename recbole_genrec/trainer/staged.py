@@ -263,6 +263,8 @@ class ResumableTrainer:
                 self.resume_checkpoint(explicit)  # RecBole's own checkpoint and semantics
                 self.logger.info(set_color("resume", "green") + f": RecBole checkpoint {explicit}, "
                                  f"epoch {self.start_epoch} (RNG states not restored)")
+                self.logger.warning("train_time_s counts this process only: a RecBole checkpoint keeps no "
+                                    "training time")
                 return False, None
             if explicit:
                 raise FileNotFoundError(f"resume_checkpoint {os.fspath(explicit)!r}: no usable checkpoint {last}")
@@ -281,7 +283,11 @@ class ResumableTrainer:
         self.best_valid_result = None if result is None else OrderedDict(result)
         self.valid_curve = [tuple(point) for point in state["valid_curve"]]
         self._valid_step = state.get("valid_step", 0)
-        self._time_before = float(state.get("recommender_time_s", 0.0))
+        if "recommender_time_s" in state:
+            self._time_before = float(state["recommender_time_s"])
+        else:
+            self.logger.warning(f"{last} keeps no training time (written by an older version): train_time_s "
+                                "counts the epochs from here on only")
         finished = state["stopped"] or self.start_epoch >= self.epochs
         if finished:
             how = "stopped early" if state["stopped"] else f"{self.epochs} epochs"
