@@ -2,6 +2,7 @@
 
 import copy
 import os
+import time
 
 import pytest
 import torch
@@ -211,11 +212,14 @@ def test_setrec_end_to_end_save_reload_and_beta_on_validation(tmp_path, monkeypa
     def staged_fit(self, *args, **kwargs):  # SETRecTrainer.fit's super().fit: training proper
         out = orig_staged_fit(self, *args, **kwargs)
         phase[0] = "sweep"
+        seen["time before the sweep"] = self.run_train_time_s
         return out
 
     def evaluate(self, loader, *args, **kwargs):
         out = orig_eval(self, loader, *args, **kwargs)
         calls.append((phase[0], loader, float(self.model.beta), out))
+        if phase[0] == "sweep":
+            time.sleep(0.5)  # a slow sweep: its time must reach the run's train_time_s
         return out
 
     monkeypatch.setattr(SETRecTrainer, "fit", fit)
@@ -226,6 +230,7 @@ def test_setrec_end_to_end_save_reload_and_beta_on_validation(tmp_path, monkeypa
                                 {"checkpoint_dir": str(tmp_path), **SMALL, "epochs": 2,
                                  "setrec_beta": 0.37}, saved=True)  # a default outside the grid
     assert "ndcg@10" in result["test_result"]
+    assert result["train_time_s"] >= seen["time before the sweep"] + 0.5 * len(SMALL["setrec_beta_grid"])
     sweep = [c for c in calls if c[0] == "sweep"]
     assert [c[2] for c in sweep] == grid  # the sweep ran over the whole grid ...
     assert all(c[1] is seen["valid"] for c in sweep)  # ... on the validation loader only
