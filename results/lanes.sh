@@ -8,6 +8,7 @@
 #   bash results/lanes.sh pack      # carry the runs in training into results/in_training/*.tar (then commit)
 #   bash results/lanes.sh report    # copy new records into results/, make both reports, splice them into README.md
 #   bash results/lanes.sh stop      # end the lanes (their queues first, then the runs: each resumes later)
+#   bash results/lanes.sh stop B L  # end lanes B and L only
 #
 # Each lane runs from its own git worktree of the current commit, so editing the checkout does not
 # change the code of a run under way. The five lanes share the project's two cores (each run is slower,
@@ -114,7 +115,19 @@ case "${1:-}" in
     echo "look at every PNG under results/ml-100k and results/ml-100k-warm_cold, then update the README's bullets" ;;
   stop)
     # the lanes' shells first: killing only a run would start the next model of its queue
-    pkill -f "results/lanes.sh start" || true
-    pkill -f "run_recbole_genrec.py|small_catalogue.py" || true ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+    shift
+    if [ $# -eq 0 ]; then
+      pkill -f "results/lanes.sh start" || true
+      pkill -f "run_recbole_genrec.py|small_catalogue.py" || true
+    else  # stop B L: the lanes whose processes work in $WORK/tree-B, $WORK/tree-L
+      for pattern in "results/lanes.sh start" "run_recbole_genrec.py|small_catalogue.py"; do
+        for pid in $(pgrep -f "$pattern"); do
+          for name in "$@"; do
+            [ "$(readlink "/proc/$pid/cwd" 2> /dev/null)" = "$WORK/tree-$name" ] && kill "$pid" 2> /dev/null
+          done
+        done
+      done
+    fi
+    true ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
 esac

@@ -22,9 +22,7 @@ import torch.nn.functional as F
 
 from recbole_genrec.model.base import load_cf_item_embeddings, train_cf_model
 from recbole_genrec.model.tiger import TIGER
-from recbole_genrec.quantize.codes import code_tokens
 from recbole_genrec.quantize.letter_tokenizer import LetterRQVAE, letter_code_table, train_letter_rq_vae
-from recbole_genrec.quantize.rq_vae import codebook_stats
 
 
 class LETTER(TIGER):
@@ -84,22 +82,12 @@ class LETTER(TIGER):
             "div_tau": self.config["div_tau"],
         }
 
-    @torch.no_grad()
-    def assign_codes(self) -> dict:
-        """TIGER's ``assign_codes`` with LETTER's collision resolution (per colliding group,
-        :func:`~recbole_genrec.quantize.letter_tokenizer.letter_code_table`; ``collision_handling:
-        suffix`` skips it)."""
-        self.rq_vae.eval()
-        x = self.item_text_emb[1:]
-        stats = codebook_stats(self.rq_vae.get_codes(x), self.codebook_size)
+    def code_table(self, x, codes) -> torch.Tensor:
+        """LETTER's collision resolution: per colliding group, the Sinkhorn-balanced last level
+        (:func:`~recbole_genrec.quantize.letter_tokenizer.letter_code_table`, up to 20 rounds), then
+        the dedup suffix; ``collision_handling: suffix`` goes straight to the suffix."""
         rounds = 20 if self.collision_handling == "sinkhorn" else 0
-        table = letter_code_table(self.rq_vae, x, suffix_size=self.codebook_size, rounds=rounds)
-        self.item_codes[1:] = code_tokens(table, self.token_offset, self.codebook_size)
-        self.item_codes[0] = self.pad_id
-        self._trie = None
-        for p in self.rq_vae.parameters():
-            p.requires_grad_(False)
-        return {**stats, "max_suffix": int(table[:, -1].max())}
+        return letter_code_table(self.rq_vae, x, suffix_size=self.codebook_size, rounds=rounds)
 
     def stage_state_dict(self, stage):
         if stage == "cf":

@@ -98,7 +98,7 @@ class TIGER(GenerativeRecommender):
             self.rq_vae, x, epochs=stage_config["epochs"], lr=stage_config["learning_rate"],
             batch_size=stage_config["batch_size"], seed=self.config["seed"], show_progress=show_progress,
             **self.tokenizer_loss_options(),
-        )
+        )["loss"]
         return {**self.assign_codes(), "final_loss": round(history[-1], 4) if history else None}
 
     def tokenizer_loss_options(self) -> dict:
@@ -112,15 +112,19 @@ class TIGER(GenerativeRecommender):
         x = self.item_text_emb[1:]
         codes = self.rq_vae.get_codes(x)
         stats = codebook_stats(codes, self.codebook_size)
-        costs = self.rq_vae.last_level_costs(x) if self.collision_handling == "sinkhorn" else None
-        table = build_code_table(codes, self.collision_handling, last_costs=costs,
-                                 suffix_size=self.codebook_size)
+        table = self.code_table(x, codes)
         self.item_codes[1:] = code_tokens(table, self.token_offset, self.codebook_size)
         self.item_codes[0] = self.pad_id
         self._trie = None
         for p in self.rq_vae.parameters():
             p.requires_grad_(False)
         return {**stats, "max_suffix": int(table[:, -1].max())}
+
+    def code_table(self, x, codes) -> torch.Tensor:
+        """One-to-one code table ``[n, L + 1]`` of the items' nearest-codeword ``codes``: collisions
+        resolved by ``collision_handling`` (the dedup suffix; ``sinkhorn``: re-assigned on the last level)."""
+        costs = self.rq_vae.last_level_costs(x) if self.collision_handling == "sinkhorn" else None
+        return build_code_table(codes, self.collision_handling, last_costs=costs, suffix_size=self.codebook_size)
 
     def stage_state_dict(self, stage):
         return {"rq_vae": self.rq_vae.state_dict(), "item_codes": self.item_codes.clone()}

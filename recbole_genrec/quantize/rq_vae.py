@@ -24,6 +24,7 @@ LETTER (Wang et al. 2024, Sec. 3.1) adds, weighted by ``cf_weight`` and ``div_we
 
 from __future__ import annotations
 
+import copy
 import math
 from logging import getLogger
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_genrec.quantize.kmeans import constrained_kmeans, kmeans
+from recbole_genrec.quantize.kmeans import constrained_kmeans, kmeans, sinkhorn
 
 
 def mlp(dims, dropout=0.0) -> nn.Sequential:
@@ -44,10 +45,18 @@ def mlp(dims, dropout=0.0) -> nn.Sequential:
 
 
 class RQVAE(nn.Module):
+    """TIGER's RQ-VAE. LETTER's recipe (:mod:`recbole_genrec.quantize.letter_tokenizer`) sets
+    ``level_loss="mean"`` (the quantisation loss averaged over levels; TIGER sums it) and
+    ``sk_epsilon > 0`` (while training, the last level is assigned by a Sinkhorn plan over the batch,
+    ``sk_iters`` iterations, instead of the nearest codeword)."""
+
     def __init__(self, in_dim, hidden=(512, 256, 128), e_dim=32, levels=3, codebook_size=256,
-                 beta=0.25, dropout=0.0, decoder=True):
+                 beta=0.25, dropout=0.0, decoder=True, level_loss="sum", sk_epsilon=0.0, sk_iters=50):
         super().__init__()
+        if level_loss not in ("sum", "mean"):
+            raise ValueError(f"level_loss must be 'sum' or 'mean', got {level_loss!r}")
         self.levels, self.codebook_size, self.beta = levels, codebook_size, beta
+        self.level_loss, self.sk_epsilon, self.sk_iters = level_loss, float(sk_epsilon), int(sk_iters)
         self.encoder = mlp([in_dim, *hidden, e_dim], dropout)
         # TTDS's towers have no decoder: the LLM reconstructs the text representation (L_ID)
         self.decoder = mlp([e_dim, *reversed(hidden), in_dim], dropout) if decoder else None
@@ -59,15 +68,24 @@ class RQVAE(nn.Module):
         # LETTER diversity: codeword groups per level (-1: not computed)
         self.register_buffer("code_groups", torch.full((levels, codebook_size), -1, dtype=torch.long))
 
-    def quantize(self, z, return_codewords=False):
+    def quantize(self, z, return_codewords=False, balanced_last=None):
         """Return ``z_q [n, e]``, ``codes [n, L]``, ``residuals [L, n, e]`` and the codebook loss
         (and, with ``return_codewords``, the selected codewords ``[L, n, e]``, differentiable
-        w.r.t. the codebooks)."""
+        w.r.t. the codebooks). ``balanced_last`` (default: while training, when ``sk_epsilon > 0``):
+        the last level's codes are the argmax of a Sinkhorn plan over the rows of ``z``."""
+        if balanced_last is None:
+            balanced_last = self.training
+        balanced_last = balanced_last and self.sk_epsilon > 0 and len(z) > 1
         residual, z_q = z, torch.zeros_like(z)
         codes, residuals, codewords, vq_loss = [], [], [], z.new_zeros(())
         for level in range(self.levels):
             book = self.codebooks[level]
-            idx = torch.cdist(residual, book).argmin(1)
+            with torch.no_grad():  # the codes only: the losses below carry the gradients
+                distances = torch.cdist(residual, book)
+            if balanced_last and level == self.levels - 1:
+                idx = sinkhorn(distances ** 2, self.sk_epsilon, self.sk_iters).argmax(1)
+            else:
+                idx = distances.argmin(1)
             e = book[idx]
             vq_loss = vq_loss + F.mse_loss(e, residual.detach()) + self.beta * F.mse_loss(residual, e.detach())
             residuals.append(residual)
@@ -75,6 +93,8 @@ class RQVAE(nn.Module):
             codes.append(idx)
             z_q = z_q + e
             residual = residual - e.detach()
+        if self.level_loss == "mean":
+            vq_loss = vq_loss / self.levels
         out = (z_q, torch.stack(codes, 1), torch.stack(residuals), vq_loss)
         return (*out, torch.stack(codewords)) if return_codewords else out
 
@@ -188,13 +208,20 @@ def collision_rate(codes: torch.Tensor) -> float:
 
 def train_rq_vae(model: RQVAE, x: torch.Tensor, epochs=100, lr=1e-3, batch_size=256, weight_decay=1e-4,
                  cf_emb=None, cf_weight=0.0, div_weight=0.0, div_groups=10, div_tau=1.0,
-                 seed=2020, log_every=10, show_progress=False) -> list[float]:
-    """Train ``model`` on item vectors ``x [n, d]`` (rows are items). Returns the loss per epoch.
+                 seed=2020, log_every=None, show_progress=False, reseed_dead=True, eval_step=None) -> dict:
+    """Train ``model`` on item vectors ``x [n, d]`` (rows are items). Returns ``{"loss": [per epoch],
+    "best_epoch", "best_collision_rate"}``.
 
     ``cf_emb [n, e_dim]`` with ``cf_weight > 0`` and ``div_weight > 0`` switch on LETTER's
-    collaborative and diversity regularisers.
+    collaborative and diversity regularisers. TIGER's recipe (the defaults) re-seeds unused
+    codewords after each epoch and keeps the last epoch; LETTER's (``reseed_dead=False``,
+    ``eval_step=k``) checks the collision rate of the nearest-codeword codes every ``k`` epochs and
+    keeps the checked epoch with the fewest collisions (the first on a tie).
     """
     logger = getLogger()
+    name = "LETTER RQ-VAE" if eval_step else "RQ-VAE"
+    if log_every is None:  # about 20 lines (at checked epochs when there are any)
+        log_every = eval_step * max(1, epochs // (20 * eval_step)) if eval_step else 10
     generator = torch.Generator().manual_seed(seed)  # initialisation, batch order, dead codes
     # the diversity regulariser draws from its own generators, so switching it on leaves the
     # initialisation, batch order and dead-code draws unchanged
@@ -203,12 +230,12 @@ def train_rq_vae(model: RQVAE, x: torch.Tensor, epochs=100, lr=1e-3, batch_size=
     if not bool(model.initialised):
         model.init_codebooks(x, generator=generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    history = []
+    history, best = [], {"rate": float("inf"), "epoch": None, "state": None}
     epoch_iter = range(epochs)
     if show_progress:
         from tqdm import tqdm
 
-        epoch_iter = tqdm(epoch_iter, desc="RQ-VAE")
+        epoch_iter = tqdm(epoch_iter, desc=name)
     for epoch in epoch_iter:
         model.train()
         if div_weight > 0:
@@ -230,20 +257,33 @@ def train_rq_vae(model: RQVAE, x: torch.Tensor, epochs=100, lr=1e-3, batch_size=
                 loss = loss + div_weight * div
                 parts["div"] += float(div) * len(idx)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"RQ-VAE: the loss became {float(loss)} at epoch {epoch + 1} of the tokenizer "
-                                         f"stage; try a lower tokenizer_learning_rate (now {lr})")
+                raise FloatingPointError(f"{name}: the loss became {float(loss)} at epoch {epoch + 1} of the "
+                                         f"tokenizer stage; try a lower tokenizer_learning_rate (now {lr})")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += float(loss) * len(idx)
         history.append(total / len(x))
         model.eval()
-        with torch.no_grad():
-            out = model(x)
-        dead = model.reseed_dead_codes(out["residuals"], out["codes"], generator=generator) if epoch < epochs - 1 else 0
-        if (epoch + 1) % log_every == 0 or epoch == epochs - 1:
-            stats = codebook_stats(out["codes"], model.codebook_size)
-            part_str = ", ".join(f"{k} {v / len(x):.4f}" for k, v in parts.items() if v)
-            logger.info(f"RQ-VAE epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f} ({part_str}); "
-                        f"re-seeded {dead} dead codes; {stats}")
-    return history
+        last = epoch == epochs - 1
+        line = f"{name} epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f} (" + ", ".join(
+            f"{k} {v / len(x):.4f}" for k, v in parts.items() if v) + ")"
+        if reseed_dead:
+            with torch.no_grad():
+                out = model(x)
+            dead = model.reseed_dead_codes(out["residuals"], out["codes"], generator=generator) if not last else 0
+            if (epoch + 1) % log_every == 0 or last:
+                logger.info(f"{line}; re-seeded {dead} dead codes; {codebook_stats(out['codes'], model.codebook_size)}")
+        if eval_step and ((epoch + 1) % eval_step == 0 or last):
+            codes = model.get_codes(x)
+            rate = collision_rate(codes)
+            if rate < best["rate"]:
+                best = {"rate": rate, "epoch": epoch + 1, "state": copy.deepcopy(model.state_dict())}
+            if (epoch + 1) % log_every == 0 or last:
+                logger.info(f"{line}; {codebook_stats(codes, model.codebook_size)}; fewest collisions so far "
+                            f"{best['rate']:.4f} (epoch {best['epoch']})")
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+        model.eval()
+    rate = best["rate"] if best["epoch"] is not None else None
+    return {"loss": history, "best_epoch": best["epoch"], "best_collision_rate": None if rate is None else round(rate, 4)}
