@@ -1,5 +1,6 @@
 """Kill and resume, verified artifacts, concurrent runs in one checkpoint_dir (issue 15, items 1, 3, 5)."""
 
+import io
 import json
 import logging
 import os
@@ -100,7 +101,9 @@ def test_carry_packs_what_a_run_in_training_needs_and_unpacks_without_clobbering
     a file that differs (it may hold later epochs) unless forced."""
     src = tmp_path / "saved"
     (src / "runs").mkdir(parents=True)
-    files = {"LETTER-ml-100k-aaaaaaaaaaaaaaaa.pth": b"best", "LETTER-ml-100k-aaaaaaaaaaaaaaaa.pth.last": b"last",
+    best = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.arange(4.0)}, "optimizer": {"state": {0: torch.ones(64)}}, "epoch": 3}, best)
+    files = {"LETTER-ml-100k-aaaaaaaaaaaaaaaa.pth": best.getvalue(), "LETTER-ml-100k-aaaaaaaaaaaaaaaa.pth.last": b"last",
              "LETTER-ml-100k-cf-bbbbbbbbbbbbbbbb.pth": b"cf", "LETTER-ml-100k-tokenizer-cccccccccccccccc.pth": b"tok",
              "SASRec-ml-100k-dddddddddddddddd.pth": b"finished", "SASRec-ml-100k-dddddddddddddddd.pth.lock": b"1",
              "SASRec-ml-100k-dddddddddddddddd.pth.last": b"stopped",  # a resumable run keeps it when it ends
@@ -115,7 +118,9 @@ def test_carry_packs_what_a_run_in_training_needs_and_unpacks_without_clobbering
     assert os.listdir(archive.parent) == ["carried.tar"]  # no temporary left
     dst = tmp_path / "elsewhere"
     assert sorted(carry.unpack(str(archive), str(dst))) == expected
-    assert all((dst / n).read_bytes() == files[n] for n in expected) and sorted(os.listdir(dst)) == expected
+    assert all((dst / n).read_bytes() == files[n] for n in expected[1:]) and sorted(os.listdir(dst)) == expected
+    carried_best = safe_torch_load(dst / expected[0])  # the best so far, without its optimiser state
+    assert sorted(carried_best) == ["epoch", "state_dict"] and torch.equal(carried_best["state_dict"]["w"], torch.arange(4.0))
     assert carry.unpack(str(archive), str(dst)) == expected  # the same files again: nothing to refuse
     (dst / expected[1]).write_bytes(b"a later epoch")
     with pytest.raises(FileExistsError, match="pth.last exists with other content"):

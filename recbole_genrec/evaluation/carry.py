@@ -9,7 +9,9 @@ decide what is reused: a run whose config, data, code or packages differ starts 
 
 Left out: run records (``runs/``, kept beside the reports), the checkpoints of finished runs (those
 with a record: it holds the result, and the same command reuses it), locks, temporary files and the
-text-embedding cache (recomputed).
+text-embedding cache (recomputed), and the optimiser state inside a best-so-far checkpoint (a run
+resumes from its ``.last`` file, which keeps it; the best checkpoint is read for its weights only):
+about a third of the archive. So the unpacked best checkpoints differ from the packed directory's.
 
     python -m recbole_genrec.evaluation.carry pack CHECKPOINT_DIR ARCHIVE
     python -m recbole_genrec.evaluation.carry unpack ARCHIVE CHECKPOINT_DIR
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import os
 import re
 import sys
@@ -52,9 +55,27 @@ def carried_files(checkpoint_dir: str) -> list[str]:
     return sorted(out)
 
 
+def _without_optimizer(path: str) -> bytes | None:
+    """The bytes of the best-so-far checkpoint ``path`` without its optimiser state, or ``None``
+    when it is not a checkpoint that holds one."""
+    import torch
+
+    from recbole_genrec.compat import safe_torch_load
+
+    try:
+        state = safe_torch_load(path, map_location="cpu")
+    except Exception:  # noqa: BLE001 - not a torch checkpoint: carried as it is
+        return None
+    if not isinstance(state, dict) or "optimizer" not in state:
+        return None
+    buffer = io.BytesIO()
+    torch.save({key: value for key, value in state.items() if key != "optimizer"}, buffer)
+    return buffer.getvalue()
+
+
 def pack(checkpoint_dir: str, archive: str) -> list[str]:
     """Write ``archive`` (a tar file, written under a temporary name and renamed) with the files of
-    :func:`carried_files`; return their names."""
+    :func:`carried_files` (best-so-far checkpoints without their optimiser state); return their names."""
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"carry pack: checkpoint directory {checkpoint_dir!r} does not exist")
     files = carried_files(checkpoint_dir)
@@ -63,9 +84,15 @@ def pack(checkpoint_dir: str, archive: str) -> list[str]:
     try:
         with tarfile.open(tmp, "w") as tar:
             for name in files:
-                info = tar.gettarinfo(os.path.join(checkpoint_dir, name), arcname=name)
+                path = os.path.join(checkpoint_dir, name)
+                info = tar.gettarinfo(path, arcname=name)
                 info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""  # same bytes, same archive
-                with open(os.path.join(checkpoint_dir, name), "rb") as f:
+                slim = _without_optimizer(path) if name + LAST in files else None  # a run's best so far
+                if slim is not None:
+                    info.size = len(slim)
+                    tar.addfile(info, io.BytesIO(slim))
+                    continue
+                with open(path, "rb") as f:
                     tar.addfile(info, f)
         os.replace(tmp, archive)
     finally:
