@@ -7,6 +7,7 @@
 #   bash results/lanes.sh start A   # start lane A only (one whose queue was ended or changed)
 #   bash results/lanes.sh pack      # carry the runs in training into results/in_training/*.tar (then commit)
 #   bash results/lanes.sh report    # copy new records into results/, make both reports, splice them into README.md
+#   bash results/lanes.sh reproductions  # copy new records; results/reproductions.md: re-runs against earlier records
 #   bash results/lanes.sh stop      # end the lanes (their queues first, then the runs: each resumes later)
 #   bash results/lanes.sh stop B L  # end lanes B and L only
 #
@@ -57,6 +58,26 @@ lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $
   done
 }
 
+cp_records() {  # new records of $WORK/saved/runs into results/<report>/runs (existing ones are kept)
+  for record in "$WORK"/saved/runs/*.json; do
+    case "$(basename "$record")" in
+      *-warm_cold-*) cp -n "$record" "$ROOT/results/ml-100k-warm_cold/runs/" ;;
+      *) cp -n "$record" "$ROOT/results/ml-100k/runs/" ;;
+    esac
+  done
+}
+
+reproductions() {  # every run with records of other code: its newest record against the earlier ones
+  { echo "# Re-runs against earlier records"
+    echo
+    echo "Each run (model spec, dataset, protocol, seed) with records made by other code: its newest record"
+    echo "against each earlier one (\`bash results/lanes.sh reproductions\`, $(date -u +%Y-%m-%d))."
+    echo
+    "$PY" -m recbole_genrec.evaluation.records "$ROOT/results/ml-100k/runs" "$ROOT/results/ml-100k-warm_cold/runs"
+  } > "$ROOT/results/reproductions.md"
+  cat "$ROOT/results/reproductions.md"
+}
+
 case "${1:-}" in
   restore)
     # the package versions of the records (part of every run's fingerprint; torch is installed as the README says)
@@ -99,12 +120,7 @@ case "${1:-}" in
     fi ;;
   report)
     # the README's records-only commands ("Converged"): they train nothing and read $WORK/saved/runs
-    for record in "$WORK"/saved/runs/*.json; do
-      case "$(basename "$record")" in
-        *-warm_cold-*) cp -n "$record" "$ROOT/results/ml-100k-warm_cold/runs/" ;;
-        *) cp -n "$record" "$ROOT/results/ml-100k/runs/" ;;
-      esac
-    done
+    cp_records
     cd "$ROOT"
     OMP_NUM_THREADS=1 "$PY" run_recbole_genrec.py --compare="$LOO_MODELS" --seeds=2020,2021,2022 --dataset=ml-100k \
       "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --records_only --report=results/ml-100k
@@ -112,7 +128,11 @@ case "${1:-}" in
       "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --records_only --report=results/ml-100k-warm_cold
     "$PY" -m recbole_genrec.evaluation.report README.md results/ml-100k/report.md ml-100k
     "$PY" -m recbole_genrec.evaluation.report README.md results/ml-100k-warm_cold/report.md ml-100k-warm_cold
+    reproductions
     echo "look at every PNG under results/ml-100k and results/ml-100k-warm_cold, then update the README's bullets" ;;
+  reproductions)  # each re-run (other code) against its earlier records: results/reproductions.md
+    cp_records
+    reproductions ;;
   stop)
     # the lanes' shells first: killing only a run would start the next model of its queue
     shift
@@ -129,5 +149,5 @@ case "${1:-}" in
       done
     fi
     true ;;
-  *) sed -n '2,15p' "$0"; exit 2 ;;
+  *) sed -n '2,17p' "$0"; exit 2 ;;
 esac

@@ -1,6 +1,7 @@
 """Seeds (mean ± std tables, per-seed CSV rows) and the PNG report of compare and the protocols."""
 
 import csv
+import json
 import logging
 import os
 import statistics
@@ -554,3 +555,33 @@ def test_bar_plots_draw_a_spread_only_for_models_run_with_several_seeds(monkeypa
     one_seed = report.summarize(rows[:2])  # no model has several seeds: plain labels, no error bars
     assert _bars_drawn(monkeypatch, report.plot_test_metrics, one_seed, "x.png", "t") == {
         "SASRec": False, "LightGCN": False}
+
+
+def test_reproductions_compare_each_run_s_newest_record_with_its_earlier_ones(tmp_path):
+    """A re-run (same model spec, dataset, protocol and seed; other code) against its earlier records."""
+    from recbole_genrec.evaluation.records import RECORD_FORMAT, format_reproductions, reproductions
+
+    def write(name, spec, commit, date, recall, curve, seed=2020, extra=""):
+        result = {"seed": seed, "test_result": {"recall@10": recall, "ndcg@10": 0.05}, "valid_curve": curve}
+        record = {"format": RECORD_FORMAT, "model": spec.split("[")[0], "dataset": "ml-100k", "seed": seed,
+                  "commit": commit, "date": date, "result": result,
+                  "command": f"python run_recbole_genrec.py '--compare={spec}' --dataset=ml-100k{extra}"}
+        (tmp_path / name).write_text(json.dumps(record))
+
+    write("SASRec-ml-100k-seed2020-aaaaaaaaaaaaaaaa.json", "SASRec", "old1", "2026-11-25", 0.125, [[0, 0.03]])
+    write("SASRec-ml-100k-seed2020-bbbbbbbbbbbbbbbb.json", "SASRec", "new1", "2026-12-07", 0.125, [[0, 0.03]])
+    write("TIGER-ml-100k-seed2020-cccccccccccccccc.json", "TIGER[codebook_size=8,rq_levels=2]", "old2", "2026-11-25",
+          0.100, [[0, 0.02]])
+    write("TIGER-ml-100k-seed2020-dddddddddddddddd.json", "TIGER[codebook_size=8,rq_levels=2]", "new2", "2026-12-07",
+          0.102, [[0, 0.02]])
+    write("TIGER-ml-100k-seed2021-eeeeeeeeeeeeeeee.json", "TIGER[codebook_size=8,rq_levels=2]", "new2", "2026-12-07",
+          0.3, [[0, 0.02]], seed=2021)  # another seed: another run
+    write("SASRec-ml-100k-seed2020-ffffffffffffffff.json", "SASRec,TIGER", "new3", "2026-12-08", 0.9, [[0, 0.1]])
+    rows = reproductions([str(tmp_path)])
+    assert [(r["run"][0], r["run"][3], r["old"][0], r["new"][0], r["test_equal"], r["curve_equal"]) for r in rows] == [
+        ("SASRec", 2020, "old1", "new1", True, True),
+        ("TIGER[codebook_size=8,rq_levels=2]", 2020, "old2", "new2", False, True)]
+    assert rows[1]["max_test_diff"] == pytest.approx(0.002)
+    table = format_reproductions(rows)
+    assert "| SASRec (ml-100k, leave_one_out) | 2020 | new1 2026-12-07 | old1 2026-11-25 | equal | equal | 0.0000 |" in table
+    assert "| DIFFER | equal | 0.0020 |" in table

@@ -192,3 +192,82 @@ def progress_line(run: dict) -> str:
     best = "" if run["best_epoch"] is None else f", best {run['valid_metric']} {run['best_valid_score']:.4f} " \
                                                 f"at epoch {run['best_epoch']}"
     return f"{run['epochs']} of {run['max_epochs']} epochs ({state}){best}"
+
+
+# ----- did a re-run reproduce its record? --------------------------------------------------------
+def _run_key(record: dict, name: str):
+    """``(model spec, dataset, protocol, seed)`` of a record, the spec read from its command's
+    ``--compare`` (``None`` when the command ran several models: the record cannot be attributed)."""
+    import shlex
+
+    specs = None
+    for word in shlex.split(record.get("command") or ""):
+        if word.startswith("--compare="):
+            specs = word.split("=", 1)[1]
+    depth, several = 0, False
+    for char in specs or "":  # a comma outside brackets separates two models
+        depth += (char == "[") - (char == "]")
+        several |= char == "," and depth == 0
+    if not specs or several:
+        return None
+    protocol = next((p for p in PROTOCOLS[1:] if f"-{p}-" in name), "leave_one_out")
+    return specs, record.get("dataset"), protocol, (record.get("result") or {}).get("seed", record.get("seed"))
+
+
+def _test_metrics(result: dict) -> dict:
+    if "test_result" in result:
+        return {k: float(v) for k, v in result["test_result"].items()}
+    return {f"{group}/{k}": float(v) for group, g in (result.get("groups") or {}).items()
+            for k, v in (g.get("metrics") or {}).items()}
+
+
+def reproductions(folders) -> list[dict]:
+    """Every run with records made by different code (the same model spec, dataset, protocol and
+    seed; a new fingerprint): its newest record against each earlier one. Each row: ``run``,
+    ``new``/``old`` (commit, date), ``test_equal``, ``curve_equal`` (the validation curves),
+    ``max_test_diff`` (the largest absolute difference of a test metric)."""
+    import json
+
+    records = {}
+    for folder in folders:
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    record = json.load(f)
+            except (OSError, ValueError):
+                continue
+            key = _run_key(record, name) if record.get("format") == RECORD_FORMAT else None
+            if key is not None:
+                records.setdefault(key, {})[name] = record  # a name in two folders: one record
+    rows = []
+    for key, by_name in sorted(records.items(), key=lambda item: str(item[0])):
+        found = sorted(by_name.values(), key=lambda r: r.get("date") or "")
+        new = found[-1]
+        for old in found[:-1]:
+            a, b = _test_metrics(new["result"]), _test_metrics(old["result"])
+            diffs = [abs(a[k] - b[k]) for k in a.keys() & b.keys()]
+            rows.append({"run": key, "new": (new.get("commit"), new.get("date")), "old": (old.get("commit"), old.get("date")),
+                         "test_equal": a == b, "curve_equal": new["result"].get("valid_curve") == old["result"].get("valid_curve"),
+                         "max_test_diff": max(diffs) if diffs else None})
+    return rows
+
+
+def format_reproductions(rows) -> str:
+    """:func:`reproductions` as a markdown table."""
+    lines = ["| run | seed | new record | earlier record | test results | validation curve | largest test difference |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        spec, dataset, protocol, seed = row["run"]
+        diff = "-" if row["max_test_diff"] is None else f"{row['max_test_diff']:.4f}"
+        lines.append(f"| {spec} ({dataset}, {protocol}) | {seed} | {str(row['new'][0])[:7]} {str(row['new'][1])[:10]} | "
+                     f"{str(row['old'][0])[:7]} {str(row['old'][1])[:10]} | {'equal' if row['test_equal'] else 'DIFFER'} | "
+                     f"{'equal' if row['curve_equal'] else 'DIFFERS'} | {diff} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m recbole_genrec.evaluation.records DIR [DIR ...]
+    import sys
+
+    print(format_reproductions(reproductions(sys.argv[1:])))
