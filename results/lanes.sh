@@ -10,6 +10,7 @@
 #   bash results/lanes.sh reproductions  # copy new records; results/reproductions.md: re-runs against earlier records
 #   bash results/lanes.sh stop      # end the lanes (their queues first, then the runs: each resumes later)
 #   bash results/lanes.sh stop B L  # end lanes B and L only
+#   bash results/lanes.sh status    # what each lane is running, its last progress line
 #
 # Each lane runs from its own git worktree of the current commit, so editing the checkout does not
 # change the code of a run under way. The five lanes share the project's two cores (each run is slower,
@@ -130,6 +131,21 @@ case "${1:-}" in
     "$PY" -m recbole_genrec.evaluation.report README.md results/ml-100k-warm_cold/report.md ml-100k-warm_cold
     reproductions
     echo "look at every PNG under results/ml-100k and results/ml-100k-warm_cold, then update the README's bullets" ;;
+  status)  # each lane's run now and the last line of its progress
+    for spec in "${LANES[@]}"; do
+      IFS='|' read -r name extra models <<< "$spec"
+      running=""
+      for pid in $(pgrep -f "run_recbole_genrec.py|small_catalogue.py"); do
+        if [ "$(readlink "/proc/$pid/cwd" 2> /dev/null)" = "$WORK/tree-$name" ]; then
+          running=$(tr '\0' ' ' < "/proc/$pid/cmdline" | grep -o -- '--compare=[^ ]*\|--models [^ ]*' | head -1)
+          [ "$(awk '{print $3}' "/proc/$pid/stat")" = T ] && running="$running (paused)"
+        fi
+      done
+      echo "lane $name: ${running:-nothing running}; done: $(cut -d' ' -f2 "$WORK/logs/$name.done" 2> /dev/null | tr '\n' ' ')"
+      log=$(ls -t "$WORK"/logs/"$name"-*.log 2> /dev/null | head -1)
+      [ -n "$log" ] && grep -E "progress:|stage \[" "$log" | tail -1 | cut -c1-160 | sed 's/^/  /'
+    done
+    true ;;
   reproductions)  # each re-run (other code) against its earlier records: results/reproductions.md
     cp_records
     reproductions ;;
@@ -149,5 +165,5 @@ case "${1:-}" in
       done
     fi
     true ;;
-  *) sed -n '2,17p' "$0"; exit 2 ;;
+  *) sed -n '2,18p' "$0"; exit 2 ;;
 esac
