@@ -577,6 +577,8 @@ def test_reproductions_compare_each_run_s_newest_record_with_its_earlier_ones(tm
     write("TIGER-ml-100k-seed2021-eeeeeeeeeeeeeeee.json", "TIGER[codebook_size=8,rq_levels=2]", "new2", "2026-12-07",
           0.3, [[0, 0.02]], seed=2021)  # another seed: another run
     write("SASRec-ml-100k-seed2020-ffffffffffffffff.json", "SASRec,TIGER", "new3", "2026-12-08", 0.9, [[0, 0.1]])
+    write("SASRec-ml-100k-seed2020-9999999999999999.json", "SASRec", "new4", "2026-12-09", 0.2, [[0, 0.1]],
+          extra=" --epochs=1")  # another setting: another run, not a re-run of the converged one
     rows = reproductions([str(tmp_path)])
     assert [(r["run"][0], r["run"][3], r["old"][0], r["new"][0], r["test_equal"], r["curve_equal"]) for r in rows] == [
         ("SASRec", 2020, "old1", "new1", True, True),

@@ -122,6 +122,8 @@ def test_carry_packs_what_a_run_in_training_needs_and_unpacks_without_clobbering
     carried_best = safe_torch_load(dst / expected[0])  # the best so far, without its optimiser state
     assert sorted(carried_best) == ["epoch", "state_dict"] and torch.equal(carried_best["state_dict"]["w"], torch.arange(4.0))
     assert carry.unpack(str(archive), str(dst)) == expected  # the same files again: nothing to refuse
+    assert carry.unpack(str(archive), str(src)) == expected  # back where it was packed from: the best checkpoint
+    assert (src / expected[0]).read_bytes() == files[expected[0]]  # keeps its optimiser state
     (dst / expected[1]).write_bytes(b"a later epoch")
     with pytest.raises(FileExistsError, match="pth.last exists with other content"):
         carry.unpack(str(archive), str(dst))

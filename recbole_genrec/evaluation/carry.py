@@ -11,7 +11,8 @@ Left out: run records (``runs/``, kept beside the reports), the checkpoints of f
 with a record: it holds the result, and the same command reuses it), locks, temporary files and the
 text-embedding cache (recomputed), and the optimiser state inside a best-so-far checkpoint (a run
 resumes from its ``.last`` file, which keeps it; the best checkpoint is read for its weights only):
-about a third of the archive. So the unpacked best checkpoints differ from the packed directory's.
+about a third of the archive. So an unpacked best checkpoint cannot be given as ``resume_checkpoint``
+(RecBole's resume reads the optimiser state); the ``.last`` file beside it can.
 
     python -m recbole_genrec.evaluation.carry pack CHECKPOINT_DIR ARCHIVE
     python -m recbole_genrec.evaluation.carry unpack ARCHIVE CHECKPOINT_DIR
@@ -112,7 +113,8 @@ def _digest(path: str) -> str:
 def unpack(archive: str, checkpoint_dir: str, force: bool = False) -> list[str]:
     """Put the files of ``archive`` into ``checkpoint_dir`` (each written under a temporary name and
     renamed); return their names. A file already there with other content is an error (nothing is
-    written) unless ``force``: it may hold epochs the archive does not."""
+    written) unless ``force``: it may hold epochs the archive does not. A best checkpoint already
+    there that is the archive's plus its optimiser state (the directory it was packed from) is kept."""
     if not os.path.isfile(archive):
         raise FileNotFoundError(f"carry unpack: archive {archive!r} does not exist")
     os.makedirs(checkpoint_dir, exist_ok=True)
@@ -121,15 +123,22 @@ def unpack(archive: str, checkpoint_dir: str, force: bool = False) -> list[str]:
         for m in members:
             if not m.isfile() or os.path.basename(m.name) != m.name:
                 raise ValueError(f"carry unpack: {archive!r} holds {m.name!r}, not a plain file name")
+        names, keep = {m.name for m in members}, set()
         if not force:
             for m in members:
                 target = os.path.join(checkpoint_dir, m.name)
                 if os.path.exists(target):
-                    h = hashlib.sha256(tar.extractfile(m).read()).hexdigest()
-                    if h != _digest(target):
-                        raise FileExistsError(f"carry unpack: {target} exists with other content (it may hold "
-                                              "later epochs); pass --force to replace it")
+                    data = tar.extractfile(m).read()
+                    if hashlib.sha256(data).hexdigest() == _digest(target):
+                        continue
+                    if m.name + LAST in names and _without_optimizer(target) == data:
+                        keep.add(m.name)  # the packed best checkpoint itself, optimiser state included
+                        continue
+                    raise FileExistsError(f"carry unpack: {target} exists with other content (it may hold "
+                                          "later epochs); pass --force to replace it")
         for m in members:
+            if m.name in keep:
+                continue
             target = os.path.join(checkpoint_dir, m.name)
             tmp = f"{target}.{os.getpid()}.tmp"
             with open(tmp, "wb") as out:

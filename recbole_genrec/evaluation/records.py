@@ -195,15 +195,29 @@ def progress_line(run: dict) -> str:
 
 
 # ----- did a re-run reproduce its record? --------------------------------------------------------
+# command-line options that do not change what a run computes (or are in the key already)
+_NOT_SETTINGS = ("--compare", "--seeds", "--protocol", "--checkpoint_dir", "--show_progress", "--resume", "--reuse_runs",
+                 "--records_only", "--report", "--state", "--nproc", "--gpu_id")
+
+
 def _run_key(record: dict, name: str):
-    """``(model spec, dataset, protocol, seed)`` of a record, the spec read from its command's
-    ``--compare`` (``None`` when the command ran several models: the record cannot be attributed)."""
+    """``(model spec, dataset, protocol, seed, settings)`` of a record: the spec read from its
+    command's ``--compare`` (``None`` when the command ran several models: the record cannot be
+    attributed), ``settings`` the command's other options that change a run (``--config_files``,
+    ``--epochs=5``, ...; sorted), and whether the record is of the last epoch rather than the best.
+    Edits inside a config file are not seen: two records of one command are taken as one run."""
     import shlex
 
-    specs = None
-    for word in shlex.split(record.get("command") or ""):
+    specs, settings = None, []
+    try:
+        words = shlex.split(record.get("command") or "")
+    except ValueError:
+        return None
+    for word in words:
         if word.startswith("--compare="):
             specs = word.split("=", 1)[1]
+        elif word.startswith("--") and word.split("=", 1)[0] not in _NOT_SETTINGS:
+            settings.append(word)
     depth, several = 0, False
     for char in specs or "":  # a comma outside brackets separates two models
         depth += (char == "[") - (char == "]")
@@ -211,7 +225,10 @@ def _run_key(record: dict, name: str):
     if not specs or several:
         return None
     protocol = next((p for p in PROTOCOLS[1:] if f"-{p}-" in name), "leave_one_out")
-    return specs, record.get("dataset"), protocol, (record.get("result") or {}).get("seed", record.get("seed"))
+    if "-last_epoch-" in name:
+        protocol += " (last epoch)"
+    seed = (record.get("result") or {}).get("seed", record.get("seed"))
+    return specs, record.get("dataset"), protocol, seed, tuple(sorted(settings))
 
 
 def _test_metrics(result: dict) -> dict:
@@ -259,7 +276,7 @@ def format_reproductions(rows) -> str:
     lines = ["| run | seed | new record | earlier record | test results | validation curve | largest test difference |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
-        spec, dataset, protocol, seed = row["run"]
+        spec, dataset, protocol, seed, _ = row["run"]
         diff = "-" if row["max_test_diff"] is None else f"{row['max_test_diff']:.4f}"
         lines.append(f"| {spec} ({dataset}, {protocol}) | {seed} | {str(row['new'][0])[:7]} {str(row['new'][1])[:10]} | "
                      f"{str(row['old'][0])[:7]} {str(row['old'][1])[:10]} | {'equal' if row['test_equal'] else 'DIFFER'} | "
