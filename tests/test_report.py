@@ -196,6 +196,7 @@ def test_compare_reuses_run_records_only_for_the_same_config(tmp_path, monkeypat
     assert len(records) == 1
     record = json.loads(records[0].read_text())
     assert record["seed"] == 2020 and record["commit"] and record["command"]
+    assert record["machine"]["cpu"] and record["machine"]["torch_cpu_capability"]  # where its float results hold
     assert record["result"]["test_result"] == dict(first["SASRec"]["test_result"])
 
     prepared = []

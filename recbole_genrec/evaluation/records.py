@@ -39,12 +39,13 @@ def write_record(path: str, config, result: dict, commit: str | None = None) -> 
     import sys
 
     from recbole_genrec.atomic import atomic_write_text
-    from recbole_genrec.evaluation.report import git_commit
+    from recbole_genrec.evaluation.report import git_commit, machine
 
     record = {
         "format": RECORD_FORMAT, "model": config["model"], "dataset": config["dataset"], "seed": config["seed"],
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "commit": commit or git_commit(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),  # float results can differ in their last bits between kinds of machine
         "result": {k: (dict(v) if isinstance(v, dict) else v) for k, v in result.items() if k != "record"},
     }
     os.makedirs(os.path.dirname(path), exist_ok=True)

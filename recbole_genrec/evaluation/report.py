@@ -517,12 +517,28 @@ def run_constraints() -> str:
     return "".join(lines)
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the platform's architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
+    """Where the report was made. The CPU model and torch's CPU kernel level (``AVX512``, ``AVX2``...)
+    are there because float results can differ in their last bits between machines: a run
+    reproduces its record bit for bit on the same kind of machine."""
     info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+            "cpu": _cpu_name(), "cpu_count": os.cpu_count()}
     try:
         import torch
 
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         info["gpu"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) \
             if torch.cuda.is_available() else "none"
     except Exception:  # noqa: BLE001 - the report never fails for want of a GPU name
