@@ -59,6 +59,14 @@ lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $
   done
 }
 
+lane_pids() {  # lane_pids NAME PATTERN: the processes matching PATTERN (pgrep -f) that work in the lane's worktree
+  local pid
+  for pid in $(pgrep -f "$2"); do
+    [ "$(readlink "/proc/$pid/cwd" 2> /dev/null)" = "$WORK/tree-$1" ] && echo "$pid"
+  done
+  true
+}
+
 cp_records() {  # new records of $WORK/saved/runs into results/<report>/runs (existing ones are kept)
   for record in "$WORK"/saved/runs/*.json; do
     case "$(basename "$record")" in
@@ -100,11 +108,10 @@ case "${1:-}" in
     for spec in "${LANES[@]}"; do
       IFS='|' read -r name extra models <<< "$spec"
       if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi
-      for pid in $(pgrep -f "run_recbole_genrec.py|small_catalogue.py|results/lanes.sh start"); do
-        if [ "$(readlink "/proc/$pid/cwd" 2> /dev/null)" = "$WORK/tree-$name" ]; then
-          echo "lane $name is running (process $pid): not starting it twice"; exit 1
-        fi
-      done
+      pids=$(lane_pids "$name" "run_recbole_genrec.py|small_catalogue.py|results/lanes.sh start")
+      if [ -n "$pids" ]; then
+        echo "lane $name is running (processes $(echo $pids)): not starting it twice"; exit 1
+      fi
       git -C "$ROOT" worktree remove --force "$WORK/tree-$name" 2> /dev/null || true
       git -C "$ROOT" worktree add -f --detach "$WORK/tree-$name" HEAD > /dev/null
       # shellcheck disable=SC2086
@@ -135,11 +142,9 @@ case "${1:-}" in
     for spec in "${LANES[@]}"; do
       IFS='|' read -r name extra models <<< "$spec"
       running=""
-      for pid in $(pgrep -f "run_recbole_genrec.py|small_catalogue.py"); do
-        if [ "$(readlink "/proc/$pid/cwd" 2> /dev/null)" = "$WORK/tree-$name" ]; then
-          running=$(tr '\0' ' ' < "/proc/$pid/cmdline" | grep -o -- '--compare=[^ ]*\|--models [^ ]*' | head -1)
-          [ "$(awk '{print $3}' "/proc/$pid/stat")" = T ] && running="$running (paused)"
-        fi
+      for pid in $(lane_pids "$name" "run_recbole_genrec.py|small_catalogue.py"); do
+        running=$(tr '\0' ' ' < "/proc/$pid/cmdline" | grep -o -- '--compare=[^ ]*\|--models [^ ]*' | head -1)
+        [ "$(awk '{print $3}' "/proc/$pid/stat")" = T ] && running="$running (paused)"
       done
       echo "lane $name: ${running:-nothing running}; done: $(cut -d' ' -f2 "$WORK/logs/$name.done" 2> /dev/null | tr '\n' ' ')"
       log=$(ls -t "$WORK"/logs/"$name"-*.log 2> /dev/null | head -1)
@@ -157,10 +162,9 @@ case "${1:-}" in
       pkill -f "run_recbole_genrec.py|small_catalogue.py" || true
     else  # stop B L: the lanes whose processes work in $WORK/tree-B, $WORK/tree-L
       for pattern in "results/lanes.sh start" "run_recbole_genrec.py|small_catalogue.py"; do
-        for pid in $(pgrep -f "$pattern"); do
-          for name in "$@"; do
-            [ "$(readlink "/proc/$pid/cwd" 2> /dev/null)" = "$WORK/tree-$name" ] && kill "$pid" 2> /dev/null
-          done
+        for name in "$@"; do
+          # shellcheck disable=SC2046
+          kill $(lane_pids "$name" "$pattern") 2> /dev/null || true
         done
       done
     fi

@@ -209,27 +209,27 @@ def _run_key(record: dict, name: str):
     Edits inside a config file are not seen: two records of one command are taken as one run."""
     import shlex
 
-    specs, settings = None, []
+    spec, settings = None, []
     try:
         words = shlex.split(record.get("command") or "")
     except ValueError:
         return None
     for word in words:
         if word.startswith("--compare="):
-            specs = word.split("=", 1)[1]
+            spec = word.split("=", 1)[1]
         elif word.startswith("--") and word.split("=", 1)[0] not in _NOT_SETTINGS:
             settings.append(word)
     depth, several = 0, False
-    for char in specs or "":  # a comma outside brackets separates two models
+    for char in spec or "":  # a comma outside brackets separates two models
         depth += (char == "[") - (char == "]")
         several |= char == "," and depth == 0
-    if not specs or several:
+    if not spec or several:
         return None
     protocol = next((p for p in PROTOCOLS[1:] if f"-{p}-" in name), "leave_one_out")
     if "-last_epoch-" in name:
         protocol += " (last epoch)"
     seed = (record.get("result") or {}).get("seed", record.get("seed"))
-    return specs, record.get("dataset"), protocol, seed, tuple(sorted(settings))
+    return spec, record.get("dataset"), protocol, seed, tuple(sorted(settings))
 
 
 def _test_metrics(result: dict) -> dict:
