@@ -172,6 +172,36 @@ def test_ann_rerank_returns_real_items_with_their_exact_eq4_log_probs(tmp_path):
         assert torch.allclose(values, exact.gather(1, items), atol=1e-5)
 
 
+@pytest.mark.parametrize("inference", ["structure", "ann", "ann_rerank"])
+def test_single_step_modes_rank_within_a_restricted_catalogue(tmp_path, inference):
+    """Under ``restricted_decoding`` (warm/cold: cold targets among cold items) a single-step mode
+    returns its own top-10 of the allowed items, however far down its whole-catalogue ranking they lie
+    (structure: exact Eq. 4; ann: MIPS over ``e + c``; ann_rerank over a widened candidate set)."""
+    model, _, test = build(tmp_path, n_clusters=7, twolevel_inference=inference, ann_candidates=12)
+    model.eval()
+    batch = batch_of(test, 16)
+    with torch.no_grad():
+        model.output.cluster_emb.weight.mul_(10.0)
+        h = model.user_state(batch)
+        if inference == "ann":
+            keys = model.item_vectors() + model.output.cluster_emb.weight[model.output.cluster_of]
+            reference = h @ keys.T
+        else:
+            reference = model.log_probs(h)
+        # the allowed part: the 15 items each user's own ranking puts lowest on average
+        allowed = torch.zeros(model.n_items, dtype=torch.bool)
+        allowed[reference[:, 1:].mean(0).topk(15, largest=False).indices + 1] = True
+        with model.restricted_decoding(allowed):
+            scores = model.full_sort_predict(batch)
+        unrestricted = model.full_sort_predict(batch)
+    assert not (allowed[unrestricted.isfinite().nonzero()[:, 1]]).any()  # the plain top-10 misses them all
+    assert (torch.isfinite(scores).sum(1) == 10).all()
+    assert not (torch.isfinite(scores) & ~allowed).any()
+    best = reference.masked_fill(~allowed, float("-inf")).topk(10, dim=1)
+    assert torch.equal(scores.topk(10, dim=1).indices.sort(1).values, best.indices.sort(1).values)
+    assert torch.allclose(scores.gather(1, best.indices), best.values, atol=1e-4)
+
+
 def test_ann_rerank_over_the_whole_catalogue_is_the_exact_topk(tmp_path):
     model, _, test = build(tmp_path, n_clusters=7, twolevel_inference="ann_rerank")
     model.ann_candidates = model.n_items - 1  # every item is a candidate

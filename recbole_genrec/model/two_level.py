@@ -352,12 +352,12 @@ class TwoLevelLLMRec(GenerativeRecommender):
         return faiss_search(self.ann_index(), h, k, offset=1, ef_search=ef_search or self.hnsw_ef_search)
 
     @torch.no_grad()
-    def ann_rerank_topk(self, h, k: int):
-        """``ann_rerank``: the top ``ann_candidates`` items by MIPS over ``e + c(item)`` (Sec. 4.3.2),
-        re-ranked by their exact ``log P(item | h)`` (Eq. 4; ``log Z`` only of candidates' clusters,
-        see ``TwoLevelSoftmax.rerank_topk``). Items ``[B, k]`` and their log-probabilities. An HNSW
-        search looks ``max(hnsw_ef_search, ann_candidates)`` nodes wide."""
-        m = min(self.ann_candidates, self.n_items - 1)
+    def ann_rerank_topk(self, h, k: int, candidates: int | None = None):
+        """``ann_rerank``: the top ``ann_candidates`` items (or ``candidates``) by MIPS over ``e + c(item)``
+        (Sec. 4.3.2), re-ranked by their exact ``log P(item | h)`` (Eq. 4; ``log Z`` only of candidates'
+        clusters, see ``TwoLevelSoftmax.rerank_topk``). Items ``[B, k]`` and their log-probabilities. An
+        HNSW search looks ``max(hnsw_ef_search, ann_candidates)`` nodes wide."""
+        m = min(candidates or self.ann_candidates, self.n_items - 1)
         if m < k:
             raise ValueError(f"ann_candidates ({self.ann_candidates}) must be >= k ({k})")
         candidates, _ = self.ann_topk(h, m, ef_search=max(self.hnsw_ef_search or 0, m))
@@ -366,17 +366,40 @@ class TwoLevelLLMRec(GenerativeRecommender):
             self._cache["blocks"] = self.output.cluster_blocks(vectors)
         return self.output.rerank_topk(h, vectors, candidates, k, self._cache["blocks"])
 
+    def retrieve_topk(self, h, k: int):
+        """The top-``k`` items ``[B, k]`` and their scores by the single-step ``twolevel_inference``."""
+        if self.inference == "structure":
+            items, values, _ = self.output.structure_topk(h, self.item_vectors(), k)
+            return items, values
+        if self.inference == "ann_rerank":
+            return self.ann_rerank_topk(h, k, candidates=max(self.ann_candidates, k))
+        return self.ann_topk(h, k)
+
     def full_sort_predict(self, interaction):
+        """``exact``: every item's Eq. 4 log-probability. Otherwise the top ``max(topk)`` items of
+        ``retrieve_topk`` (the rest ``-inf``); within ``restricted_decoding`` (a protocol ranking
+        part of the catalogue) the top ``max(topk)`` of the allowed items: the search is widened
+        (doubling k) until every row holds that many allowed ones, so that it is the same mode's
+        ranking of that part, not the few of its whole-catalogue top-k that fall there."""
         h = self.user_state(interaction)
         if self.inference == "exact":
             return self.log_probs(h)
         k = min(self.topk, self.n_items - 1)
-        if self.inference == "structure":
-            items, values, _ = self.output.structure_topk(h, self.item_vectors(), k)
-        elif self.inference == "ann_rerank":
-            items, values = self.ann_rerank_topk(h, k)
+        if self.allowed_items is None:
+            items, values = self.retrieve_topk(h, k)
         else:
-            items, values = self.ann_topk(h, k)
+            allowed = self.allowed_items.to(h.device).clone()
+            allowed[0] = False
+            k = max(1, min(k, int(allowed.sum())))
+            m = k
+            while True:
+                items, values = self.retrieve_topk(h, m)
+                kept = allowed[items]
+                if m >= self.n_items - 1 or int(kept.sum(1).min()) >= k:
+                    break
+                m = min(2 * m, self.n_items - 1)
+            values, best = values.masked_fill(~kept, float("-inf")).topk(k, dim=1)
+            items = items.gather(1, best)
         scores = torch.full((len(h), self.n_items), float("-inf"), device=h.device).scatter(1, items, values)
         scores[:, 0] = float("-inf")
         return scores
