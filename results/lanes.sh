@@ -7,7 +7,7 @@
 #   bash results/lanes.sh start A   # start lane A only (one whose queue was ended or changed)
 #   bash results/lanes.sh pack      # carry the runs in training into results/in_training/*.tar (then commit)
 #   bash results/lanes.sh report    # copy new records into results/, make both reports, splice them into README.md
-#   bash results/lanes.sh reproductions  # copy new records; results/reproductions.md: re-runs against earlier records
+#   bash results/lanes.sh reproductions  # copy new records and per-user results; results/reproductions.md: re-runs against earlier records
 #   bash results/lanes.sh stop      # end the lanes (their queues first, then the runs: each resumes later)
 #   bash results/lanes.sh stop B L  # end lanes B and L only
 #   bash results/lanes.sh status    # what each lane is running, its last progress line
@@ -65,6 +65,12 @@ lane_pids() {  # lane_pids NAME PATTERN: the processes matching PATTERN (pgrep -
     [ "$(readlink "/proc/$pid/cwd" 2> /dev/null)" = "$WORK/tree-$1" ] && echo "$pid"
   done
   true
+}
+
+per_user() {  # each finished leave-one-out run's per-user test metrics (paired SE in the report), while its
+  # checkpoint is here: finished runs' checkpoints are not carried to the next machine
+  OMP_NUM_THREADS=1 "$PY" -m recbole_genrec.evaluation.per_user "$WORK/saved/runs" "$ROOT/results/ml-100k/per_user" \
+    2>&1 | grep -E "^(wrote|skipped)" || true
 }
 
 cp_records() {  # new records of $WORK/saved/runs into results/<report>/runs (existing ones are kept)
@@ -129,6 +135,7 @@ case "${1:-}" in
   report)
     # the README's records-only commands ("Converged"): they train nothing and read $WORK/saved/runs
     cp_records
+    per_user
     cd "$ROOT"
     OMP_NUM_THREADS=1 "$PY" run_recbole_genrec.py --compare="$LOO_MODELS" --seeds=2020,2021,2022 --dataset=ml-100k \
       "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --records_only --report=results/ml-100k
@@ -153,6 +160,7 @@ case "${1:-}" in
     true ;;
   reproductions)  # each re-run (other code) against its earlier records: results/reproductions.md
     cp_records
+    per_user
     reproductions ;;
   stop)
     # the lanes' shells first: killing only a run would start the next model of its queue

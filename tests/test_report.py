@@ -360,7 +360,7 @@ def test_run_code_fingerprint_covers_exactly_the_code_each_model_runs(monkeypatc
     for m in models:
         assert {"evaluation/runs.py", "trainer/staged.py", "config.py", "utils.py"} <= files[m], m
         assert not files[m] & {"evaluation/report.py", "evaluation/records.py", "evaluation/protocols.py",
-                               "quick_start.py", "cli.py"}, m  # orchestration, tables, records
+                               "evaluation/per_user.py", "quick_start.py", "cli.py"}, m  # orchestration, tables, records
     assert not any(f.startswith(("model/", "quantize/", "decoding/", "llm/backbone")) for f in files["SASRec"])
     assert "__init__.py" in files["SASRec"] and "llm/families.py" in files["SASRec"]  # compat.apply(); llm_path check
     assert "model/tiger.py" in files["LETTER"] and "quantize/rq_vae.py" in files["LETTER"]
@@ -588,3 +588,68 @@ def test_reproductions_compare_each_run_s_newest_record_with_its_earlier_ones(tm
     table = format_reproductions(rows)
     assert "| SASRec (ml-100k, leave_one_out) | 2020 | new1 2026-12-07 | old1 2026-11-25 | equal | equal | 0.0000 |" in table
     assert "| DIFFER | equal | 0.0020 |" in table
+
+
+def test_per_user_outcomes_reproduce_the_record_and_give_paired_standard_errors(tmp_path):
+    """A finished run's checkpoint re-evaluated user by user (RecBole's own metric classes): the
+    per-user values average to the record's test result, a record the checkpoint does not
+    reproduce gets no file, and the report's "Against SASRec" lines then use the paired standard
+    error of the per-user differences."""
+    import json
+
+    from recbole_genrec.evaluation import per_user
+
+    config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 2, "metrics": ["Recall", "NDCG", "MRR", "Hit"]}
+    compare("SASRec,LightGCN", "genrec-tiny", [TINY_YAML], config, saved=True, output_dir=str(tmp_path / "a"))
+    runs_dir, out = tmp_path / "saved" / "runs", tmp_path / "rep" / "per_user"
+    written = per_user.write_outcomes(str(runs_dir), str(out), log=lambda *_: None)
+    assert len(written) == 2
+    for path in written:
+        outcome = json.loads(open(path).read())
+        record = json.loads((runs_dir / outcome["record"]).read_text())
+        n = len(outcome["users"])
+        assert n == record["result"]["n_test_users"] == len(set(outcome["users"]))
+        for name, value in record["result"]["test_result"].items():
+            values = outcome["metrics"][name]
+            assert len(values) == n and abs(sum(values) / n - value) <= per_user.TOLERANCE, name
+            assert all(0 <= v <= 1 for v in values)
+        hits, recalls = outcome["metrics"]["hit@10"], outcome["metrics"]["recall@10"]
+        assert hits == recalls and set(hits) <= {0.0, 1.0}  # leave-one-out: one target per user
+        ndcg, mrr = outcome["metrics"]["ndcg@10"], outcome["metrics"]["mrr@10"]
+        assert all((h == 0) == (g == 0) == (m == 0) for h, g, m in zip(hits, ndcg, mrr))
+
+    # a record the checkpoint does not reproduce: skipped, no file
+    record_file = next(runs_dir.glob("SASRec-*.json"))
+    record = json.loads(record_file.read_text())
+    record["result"]["test_result"]["ndcg@10"] += 0.01
+    record_file.write_text(json.dumps(record))
+    for path in written:
+        os.remove(path)
+    messages = []
+    assert len(per_user.write_outcomes(str(runs_dir), str(out), log=messages.append)) == 1
+    assert any("does not reproduce its record: test ndcg@10" in m for m in messages)
+    assert not list(out.glob("SASRec-*.json"))
+
+
+def test_paired_standard_error_of_per_user_differences():
+    from recbole_genrec.evaluation import per_user
+
+    def outcome(users, hits):
+        return {"users": users, "metrics": {"hit@10": hits, "recall@10": hits}}
+
+    a, b = outcome(["u1", "u2", "u3", "u4"], [1.0, 0.0, 1.0, 1.0]), outcome(["u4", "u3", "u2", "u1"], [0.0, 1.0, 0.0, 0.0])
+    mean, se = per_user.paired_difference(a, b, "hit@10")  # matched by user: d = [1, 0, 0, 1]
+    assert mean == 0.5 and abs(se - (1 / 3) ** 0.5 / 2) < 1e-12
+    assert per_user.paired_difference(a, a, "hit@10") is None  # no spread
+    assert per_user.paired_difference(a, b, "ndcg@10") is None
+
+    rows = [{"model": m, "seed": 1, "recall@10": r, "hit@10": r, "ndcg@10": g} for m, r, g in
+            (("SASRec", 0.25, 0.1), ("TIGER", 0.75, 0.3), ("LETTER", 0.5, 0.2))]
+    runs = [{"model": r["model"], "n_test_users": 4} for r in rows]
+    outcomes = {"SASRec": b, "TIGER": a}
+    lines = report.versus_baseline(report.summarize(rows), runs, outcomes=outcomes)
+    assert lines[0].startswith("- **TIGER** beats SASRec")
+    assert "recall@10 0.7500 vs 0.2500 (+0.5000, +1.7 paired SE)" in lines[0]
+    assert "ndcg@10 0.3000 vs 0.1000 (+0.2000)" in lines[0]  # no per-user ndcg in these outcomes
+    assert "paired" not in lines[1] and "+0.5 SE" not in lines[1] and "SE)" in lines[1]  # LETTER: unpaired
+    assert lines[2].startswith('- "paired SE"') and '"SE" alone: unpaired' in lines[2]

@@ -158,13 +158,15 @@ def _save(fig, path: str) -> str:
 
 
 def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | None = None,
-                    baseline: str = "SASRec") -> list[str]:
+                    baseline: str = "SASRec", outcomes: dict | None = None) -> list[str]:
     """One plain sentence per model (and group) saying whether it beats or trails ``baseline`` on
     each test metric, with the difference (RecBole's smaller-is-better metrics counted the right
-    way round). For hit@k, a share of test users, the difference is also given in standard errors:
-    the unpaired ``sqrt(p1 (1-p1) / n + p2 (1-p2) / n)`` over ``n`` test users (conservative: both
-    models rank the same users); for recall@k too where it equals hit@k (one target per user, as
-    in leave-one-out). Not for the group tables (their users per group are not recorded: a last
+    way round), also in standard errors. Where ``outcomes`` (``{model: per-user outcomes}``, see
+    :mod:`recbole_genrec.evaluation.per_user`) holds both the model and the baseline, on every
+    metric: the paired standard error of the per-user differences (both rank the same users).
+    Otherwise for hit@k, a share of test users: the unpaired ``sqrt(p1 (1-p1) / n + p2 (1-p2) / n)``
+    over ``n`` test users (conservative); for recall@k too where it equals hit@k (one target per
+    user, as in leave-one-out). Not for the group tables (their users per group are not recorded: a last
     line says so, with the number of test users the targets come from). Where
     every such difference is under one standard error the model is called level with the baseline,
     whatever the direction (which is said in brackets): "beats" at +0.2 SE would overstate it. Empty
@@ -173,7 +175,8 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
 
     users = {run.get("model"): run.get("n_test_users") for run in runs}
     base = {s.get(group_key): s for s in summaries if s["model"] == baseline}
-    lines = []
+    outcomes = {} if group_key else (outcomes or {})
+    lines, any_paired, any_unpaired = [], False, False
     for summary in summaries:
         ref = base.get(summary.get(group_key))
         if ref is None or summary["model"] == baseline:
@@ -191,10 +194,20 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
             metric, _, k = column.partition("@")
             binary = metric == "hit" or (metric == "recall" and all(
                 s["mean"].get(f"hit@{k}") == s["mean"][column] for s in (summary, ref)))
-            if n and binary and 0 < p < 1 and 0 < q < 1:
+            paired = None
+            if summary["model"] in outcomes and baseline in outcomes:
+                from recbole_genrec.evaluation.per_user import paired_difference
+
+                paired = paired_difference(outcomes[summary["model"]], outcomes[baseline], column)
+            if paired is not None:
+                z_scores.append(paired[0] / paired[1])
+                part += f", {z_scores[-1]:+.1f} paired SE"
+                any_paired = True
+            elif n and binary and 0 < p < 1 and 0 < q < 1:
                 se = math.sqrt(p * (1 - p) / n + q * (1 - q) / n)
                 z_scores.append((p - q) / se)
                 part += f", {z_scores[-1]:+.1f} SE"
+                any_unpaired = True
             parts.append(part + ")")
         if not parts:
             continue
@@ -207,6 +220,11 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
             verdict, noise = "is level with", f" (within one standard error{direction})"
         where = f" on {summary[group_key]} {group_key}" if group_key else ""
         lines.append(f"- **{summary['model']}** {verdict} {baseline}{where}{noise}: " + "; ".join(parts) + ".")
+    if any_paired:
+        lines.append("- \"paired SE\": the mean of the per-user differences over the test users both models "
+                     "ranked, in standard errors of that mean (the checkpoints re-evaluated, their means equal to "
+                     "the records'; `python -m recbole_genrec.evaluation.per_user`)"
+                     + ("; \"SE\" alone: unpaired, over the test users (conservative)." if any_unpaired else "."))
     if group_key and lines:  # no SE: say how few independent units the verdicts rest on
         n_users = users.get(baseline)
         source = f"come from {n_users} test users, several targets each" if n_users else "are not independent"
@@ -629,6 +647,23 @@ def in_training_table(in_training) -> list[str]:
     return lines + [""]
 
 
+def run_outcomes(report_dir: str, runs: list[dict]) -> dict:
+    """``{model: per-user outcomes}`` from ``<report_dir>/per_user`` for each model with one run
+    (one seed) whose checkpoint has such a file (:mod:`recbole_genrec.evaluation.per_user`)."""
+    from recbole_genrec.evaluation.per_user import read_outcomes
+
+    by_model: dict[str, list] = {}
+    for run in runs:
+        by_model.setdefault(run.get("model"), []).append(run)
+    outcomes = {}
+    for model, model_runs in by_model.items():
+        if len(model_runs) == 1:
+            outcome = read_outcomes(os.path.join(report_dir, "per_user"), model_runs[0].get("model_file"))
+            if outcome is not None and outcome.get("seed") == model_runs[0].get("seed"):
+                outcomes[model] = outcome
+    return outcomes
+
+
 def build_report(report_dir: str, title: str, table: str, table_stem: str, summaries: list[dict],
                  runs: list[dict], group_key: str | None = None, label: str | None = None, missing=(),
                  per_user_targets: bool = False, in_training=()) -> str:
@@ -652,7 +687,7 @@ def build_report(report_dir: str, title: str, table: str, table_stem: str, summa
     images.append(("Inference time per user", plot_inference_time(
         runs, out("inference_time"), f"{label}: inference time per test user")))
     seeds = list(dict.fromkeys(r.get("seed") for r in runs))
-    versus = versus_baseline(summaries, runs, group_key)
+    versus = versus_baseline(summaries, runs, group_key, outcomes=None if group_key else run_outcomes(report_dir, runs))
     return write_report(report_dir, title, table, table_stem, images, seeds, runs, missing, versus, per_user_targets,
                         in_training)
 

@@ -1,0 +1,187 @@
+"""Each test user's metrics in a finished run, for paired comparisons between models.
+
+A run record keeps only the mean of each test metric, so a report can compare two models only by
+the unpaired standard error over their test users, although both rank the same users (under
+leave-one-out, every user once). This module re-evaluates a run's best checkpoint on the test
+split through the run's own trainer and RecBole's evaluator (the collector rule of every run
+included: an item scored ``-inf`` is never a hit), keeps each user's value of every top-k metric
+(RecBole's own ``metric_info``), and refuses the result unless its means equal the record's test
+result: the checkpoint must reproduce the record, on this machine and with this code.
+
+    python -m recbole_genrec.evaluation.per_user RUNS_DIR OUT_DIR
+
+writes ``OUT_DIR/<checkpoint name>.json`` for each leave-one-out record in ``RUNS_DIR`` whose
+checkpoint is on disk and that has no such file yet (``bash results/lanes.sh report`` does this for
+``results/ml-100k/per_user``); :func:`paired_difference` is what the report's "Against SASRec"
+lines use (``report.versus_baseline``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import inspect
+import json
+import math
+import os
+import sys
+
+FORMAT = 1
+# a record's test result is rounded to RecBole's metric_decimal_place (4): a mean recomputed from the
+# per-user values must be within half a unit of it
+TOLERANCE = 0.5e-4 + 1e-9
+
+
+def _per_user_metrics(config, struct) -> dict[str, list[float]]:
+    """``{"recall@10": [value per user], ...}`` from a collected ``rec.topk`` data struct, with
+    RecBole's own metric classes (the value each user adds to the mean RecBole reports)."""
+    from recbole.evaluator import metrics as recbole_metrics
+    from recbole.evaluator.base_metric import TopkMetric
+
+    out = {}
+    classes = {name.lower(): cls for name, cls in inspect.getmembers(recbole_metrics, inspect.isclass)}
+    for name in config["metrics"]:
+        cls = classes.get(name.lower())
+        if cls is None or not issubclass(cls, TopkMetric):
+            continue
+        metric = cls(config)
+        pos_index, pos_len = metric.used_info(struct)
+        takes_len = len(inspect.signature(metric.metric_info).parameters) == 2
+        info = metric.metric_info(pos_index, pos_len) if takes_len else metric.metric_info(pos_index)
+        for k in metric.topk:
+            out[f"{name.lower()}@{k}"] = [float(v) for v in info[:, k - 1]]
+    return out
+
+
+def user_outcomes(model_file: str, recorded: dict | None = None) -> dict:
+    """Re-evaluate ``model_file`` (a best checkpoint written by a run) on its test split; return
+    ``{"format", "model", "seed", "model_file", "users": [user token per test user], "metrics":
+    {metric@k: [value per user]}, "test_result"}``. With ``recorded`` (the run's recorded result,
+    ``records.read_record``), a ValueError unless the recomputed means equal its test result."""
+    import torch
+
+    from recbole_genrec.evaluation.history_mask import install_history_mask
+    from recbole_genrec.evaluation.runs import unscored_items_are_misses
+    from recbole_genrec.quick_start import load_data_and_model
+    from recbole_genrec.trainer.staged import resumable
+    from recbole_genrec.utils import get_trainer
+
+    config, model, data, train_data, valid_data, test_data = load_data_and_model(model_file)
+    if "full" not in str(config["eval_args"]["mode"]):
+        raise ValueError(f"{model_file}: per-user outcomes need full ranking (eval_args mode 'full')")
+    trainer = resumable(get_trainer(config["MODEL_TYPE"], config["model"]))(config, model)
+    if config["eval_mask_history"]:
+        install_history_mask(trainer, train_data, valid_data, test_data)
+    collector, uid_field, users, kept = trainer.eval_collector, config["USER_ID_FIELD"], [], []
+    collect, get_struct = collector.eval_batch_collect, collector.get_data_struct
+
+    def capture(scores_tensor, interaction, positive_u, positive_i):  # the rows, in RecBole's order
+        users.append(interaction[uid_field].cpu())
+        return collect(scores_tensor, interaction, positive_u, positive_i)
+
+    def keep_struct():
+        struct = get_struct()
+        kept.append(struct)
+        return struct
+
+    collector.eval_batch_collect, collector.get_data_struct = capture, keep_struct
+    unscored_items_are_misses(collector)  # outermost, as in every run (runs.prepare)
+    with torch.no_grad():
+        result = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+    metrics = _per_user_metrics(config, kept[-1])
+    ids = torch.cat(users).tolist()
+    tokens = data.field2id_token[uid_field]
+    outcome = {"format": FORMAT, "model": config["model"], "seed": config["seed"],
+               "model_file": os.path.basename(model_file), "users": [str(tokens[i]) for i in ids],
+               "metrics": metrics, "test_result": {k: float(v) for k, v in result.items()}}
+    for name, values in metrics.items():
+        if len(values) != len(ids):
+            raise ValueError(f"{model_file}: {name} has {len(values)} values for {len(ids)} test rows")
+        mean = sum(values) / len(values)
+        if abs(mean - result[name]) > TOLERANCE:
+            raise ValueError(f"{model_file}: per-user {name} averages {mean:.6f}, RecBole reports {result[name]}")
+    if recorded is not None:
+        expected = recorded["test_result"]
+        for name, value in expected.items():
+            if name in metrics and abs(sum(metrics[name]) / len(ids) - value) > TOLERANCE:
+                raise ValueError(f"{model_file} does not reproduce its record: test {name} "
+                                 f"{sum(metrics[name]) / len(ids):.4f} here, {value} in the record")
+    return outcome
+
+
+def outcome_path(out_dir: str, model_file: str) -> str:
+    return os.path.join(out_dir, os.path.splitext(os.path.basename(model_file))[0] + ".json")
+
+
+def write_outcomes(runs_dir: str, out_dir: str, log=print) -> list[str]:
+    """:func:`user_outcomes` for every leave-one-out record in ``runs_dir`` whose checkpoint exists
+    and has no file in ``out_dir`` yet; each written to a temporary file and renamed. Returns the
+    paths written. A checkpoint that does not reproduce its record is reported and skipped."""
+    from recbole_genrec.evaluation.records import read_record
+
+    written = []
+    os.makedirs(out_dir, exist_ok=True)
+    for path in sorted(glob.glob(os.path.join(runs_dir, "*.json"))):
+        if "-warm_cold-" in os.path.basename(path) or "-unseen_users-" in os.path.basename(path):
+            continue  # their test users are split into groups: not covered
+        recorded = read_record(path)
+        model_file = (recorded or {}).get("model_file")
+        if not model_file or not os.path.isfile(model_file):
+            continue
+        target = outcome_path(out_dir, model_file)
+        if os.path.exists(target):
+            continue
+        try:
+            outcome = user_outcomes(model_file, recorded)
+        except ValueError as error:
+            log(f"skipped {os.path.basename(path)}: {error}")
+            continue
+        outcome["record"] = os.path.basename(path)
+        tmp = target + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(outcome, f)
+        os.replace(tmp, target)
+        written.append(target)
+        log(f"wrote {target}")
+    return written
+
+
+def read_outcomes(out_dir: str, model_file: str | None) -> dict | None:
+    """The outcomes :func:`write_outcomes` wrote for ``model_file``, or None."""
+    if not model_file:
+        return None
+    path = outcome_path(out_dir, model_file)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        outcome = json.load(f)
+    return outcome if outcome.get("format") == FORMAT else None
+
+
+def paired_difference(a: dict, b: dict, metric: str) -> tuple[float, float] | None:
+    """Mean and standard error of ``a``'s minus ``b``'s per-user ``metric`` over the users both
+    ranked (the paired standard error ``sd(d) / sqrt(n)``), or None when they share no metric or
+    fewer than two users, or the differences have no spread."""
+    if metric not in a.get("metrics", {}) or metric not in b.get("metrics", {}):
+        return None
+    other = dict(zip(b["users"], b["metrics"][metric]))
+    diffs = [value - other[user] for user, value in zip(a["users"], a["metrics"][metric]) if user in other]
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    return (mean, sd / math.sqrt(n)) if sd > 0 else None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_dir", help="a folder of run records (<checkpoint_dir>/runs)")
+    parser.add_argument("out_dir", help="where the per-user files go (e.g. results/ml-100k/per_user)")
+    args = parser.parse_args(argv)
+    write_outcomes(args.runs_dir, args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
