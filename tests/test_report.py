@@ -599,11 +599,16 @@ def test_per_user_outcomes_reproduce_the_record_and_give_paired_standard_errors(
 
     from recbole_genrec.evaluation import per_user
 
-    config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 2, "metrics": ["Recall", "NDCG", "MRR", "Hit"]}
-    compare("SASRec,LightGCN", "genrec-tiny", [TINY_YAML], config, saved=True, output_dir=str(tmp_path / "a"))
+    config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 2, "metrics": ["Recall", "NDCG", "MRR", "Hit"],
+              "cf_epochs": 2, "cf_hidden_size": 16}
+    models = "SASRec,LightGCN,TwoLevelLLMRec"  # RecBole's sequential and general trainers, and a staged one
+    compare(models, "genrec-tiny", [TINY_YAML], config, saved=True, output_dir=str(tmp_path / "a"))
     runs_dir, out = tmp_path / "saved" / "runs", tmp_path / "rep" / "per_user"
     written = per_user.write_outcomes(str(runs_dir), str(out), log=lambda *_: None)
-    assert len(written) == 2
+    assert len(written) == 3
+    compare(models, "genrec-tiny", [TINY_YAML], config, records_only=True, report_dir=str(tmp_path / "rep"))
+    text = open(tmp_path / "rep" / "report.md").read()
+    assert text.count("paired SE)") >= 4 and '- "paired SE"' in text  # recall/ndcg/mrr/hit of both models
     for path in written:
         outcome = json.loads(open(path).read())
         record = json.loads((runs_dir / outcome["record"]).read_text())
@@ -618,17 +623,21 @@ def test_per_user_outcomes_reproduce_the_record_and_give_paired_standard_errors(
         ndcg, mrr = outcome["metrics"]["ndcg@10"], outcome["metrics"]["mrr@10"]
         assert all((h == 0) == (g == 0) == (m == 0) for h, g, m in zip(hits, ndcg, mrr))
 
-    # a record the checkpoint does not reproduce: skipped, no file
+    # a record the checkpoint does not reproduce (here: another run's record under the same checkpoint
+    # name): its old outcomes are not read for it, and it is refused
     record_file = next(runs_dir.glob("SASRec-*.json"))
     record = json.loads(record_file.read_text())
+    assert per_user.read_outcomes(str(out), record["result"]) is not None
     record["result"]["test_result"]["ndcg@10"] += 0.01
     record_file.write_text(json.dumps(record))
-    for path in written:
-        os.remove(path)
+    assert per_user.read_outcomes(str(out), record["result"]) is None
     messages = []
-    assert len(per_user.write_outcomes(str(runs_dir), str(out), log=messages.append)) == 1
+    assert per_user.write_outcomes(str(runs_dir), str(out), log=messages.append) == []
     assert any("does not reproduce its record: test ndcg@10" in m for m in messages)
-    assert not list(out.glob("SASRec-*.json"))
+    assert "refused" in json.loads(open(per_user.outcome_path(str(out), record["result"]["model_file"])).read())
+    assert per_user.read_outcomes(str(out), record["result"]) is None
+    messages.clear()
+    assert per_user.write_outcomes(str(runs_dir), str(out), log=messages.append) == [] and messages == []  # not again
 
 
 def test_paired_standard_error_of_per_user_differences():
@@ -641,6 +650,7 @@ def test_paired_standard_error_of_per_user_differences():
     mean, se = per_user.paired_difference(a, b, "hit@10")  # matched by user: d = [1, 0, 0, 1]
     assert mean == 0.5 and abs(se - (1 / 3) ** 0.5 / 2) < 1e-12
     assert per_user.paired_difference(a, a, "hit@10") is None  # no spread
+    assert per_user.paired_difference(a, outcome(["u4", "u3", "u2"], [0.0, 1.0, 0.0]), "hit@10") is None  # other users
     assert per_user.paired_difference(a, b, "ndcg@10") is None
 
     rows = [{"model": m, "seed": 1, "recall@10": r, "hit@10": r, "ndcg@10": g} for m, r, g in

@@ -195,11 +195,24 @@ def test_single_step_modes_rank_within_a_restricted_catalogue(tmp_path, inferenc
             scores = model.full_sort_predict(batch)
         unrestricted = model.full_sort_predict(batch)
     assert not (allowed[unrestricted.isfinite().nonzero()[:, 1]]).any()  # the plain top-10 misses them all
-    assert (torch.isfinite(scores).sum(1) == 10).all()
-    assert not (torch.isfinite(scores) & ~allowed).any()
-    best = reference.masked_fill(~allowed, float("-inf")).topk(10, dim=1)
-    assert torch.equal(scores.topk(10, dim=1).indices.sort(1).values, best.indices.sort(1).values)
-    assert torch.allclose(scores.gather(1, best.indices), best.values, atol=1e-4)
+    for part in (allowed, torch.arange(model.n_items) % 2 == 1):  # the low 15; every other item
+        searched = []
+        retrieve = model.retrieve_topk
+        model.retrieve_topk = lambda h, k: searched.append(k) or retrieve(h, k)
+        with torch.no_grad(), model.restricted_decoding(part):
+            scores = model.full_sort_predict(batch)
+        del model.retrieve_topk
+        assert (torch.isfinite(scores).sum(1) == 10).all()
+        assert not (torch.isfinite(scores) & ~part).any()
+        finite = scores.isfinite()
+        assert torch.allclose(scores[finite], reference[finite], atol=1e-4)  # each mode's own scores
+        if inference != "ann_rerank" or part is allowed:  # ann_rerank: exact within the widened ANN candidates
+            best = reference.masked_fill(~part, float("-inf")).topk(10, dim=1)
+            assert torch.equal(scores.topk(10, dim=1).indices.sort(1).values, best.indices.sort(1).values)
+        assert searched[0] == 10 and all(b == min(2 * a, model.n_items - 1) for a, b in zip(searched, searched[1:]))
+    assert max(searched) < model.n_items - 1  # half the catalogue allowed: the widening stops early
+    with torch.no_grad(), model.restricted_decoding(torch.zeros(model.n_items, dtype=torch.bool)):
+        assert torch.isneginf(model.full_sort_predict(batch)).all()  # nothing allowed, nothing scored
 
 
 def test_ann_rerank_over_the_whole_catalogue_is_the_exact_topk(tmp_path):

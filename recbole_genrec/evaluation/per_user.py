@@ -67,8 +67,12 @@ def user_outcomes(model_file: str, recorded: dict | None = None) -> dict:
     from recbole_genrec.utils import get_trainer
 
     config, model, data, train_data, valid_data, test_data = load_data_and_model(model_file)
-    if "full" not in str(config["eval_args"]["mode"]):
-        raise ValueError(f"{model_file}: per-user outcomes need full ranking (eval_args mode 'full')")
+    mode = config["eval_args"]["mode"]
+    if (mode.get("test") if isinstance(mode, dict) else mode) != "full":
+        raise ValueError(f"{model_file}: per-user outcomes need full ranking (eval_args mode 'full'), got {mode!r}")
+    for key, off in (("resume", False), ("resume_checkpoint", None)):  # evaluation only: no run lock, no resume
+        if key in config:
+            config[key] = off
     trainer = resumable(get_trainer(config["MODEL_TYPE"], config["model"]))(config, model)
     if config["eval_mask_history"]:
         install_history_mask(trainer, train_data, valid_data, test_data)
@@ -90,6 +94,8 @@ def user_outcomes(model_file: str, recorded: dict | None = None) -> dict:
         result = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
     metrics = _per_user_metrics(config, kept[-1])
     ids = torch.cat(users).tolist()
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{model_file}: several test rows per user; per-user outcomes need one (leave-one-out)")
     tokens = data.field2id_token[uid_field]
     outcome = {"format": FORMAT, "model": config["model"], "seed": config["seed"],
                "model_file": os.path.basename(model_file), "users": [str(tokens[i]) for i in ids],
@@ -121,6 +127,13 @@ def write_outcomes(runs_dir: str, out_dir: str, log=print) -> list[str]:
 
     written = []
     os.makedirs(out_dir, exist_ok=True)
+
+    def write(target, outcome):
+        tmp = target + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(outcome, f)
+        os.replace(tmp, target)
+
     for path in sorted(glob.glob(os.path.join(runs_dir, "*.json"))):
         if "-warm_cold-" in os.path.basename(path) or "-unseen_users-" in os.path.basename(path):
             continue  # their test users are split into groups: not covered
@@ -129,43 +142,61 @@ def write_outcomes(runs_dir: str, out_dir: str, log=print) -> list[str]:
         if not model_file or not os.path.isfile(model_file):
             continue
         target = outcome_path(out_dir, model_file)
-        if os.path.exists(target):
-            continue
+        done = _read(target)
+        if done is not None and _same_result(done.get("test_result"), recorded["test_result"]):
+            continue  # this record's outcomes (or its refusal) are there
         try:
             outcome = user_outcomes(model_file, recorded)
-        except ValueError as error:
+        except ValueError as error:  # not reproduced, or not one row per user: refused, not tried again
             log(f"skipped {os.path.basename(path)}: {error}")
+            write(target, {"format": FORMAT, "refused": str(error), "record": os.path.basename(path),
+                           "test_result": dict(recorded["test_result"])})
+            continue
+        except Exception as error:  # noqa: BLE001 - one record's failure (device, lock, old code) must not stop the rest
+            log(f"skipped {os.path.basename(path)}: {type(error).__name__}: {error}")
             continue
         outcome["record"] = os.path.basename(path)
-        tmp = target + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(outcome, f)
-        os.replace(tmp, target)
+        write(target, outcome)
         written.append(target)
         log(f"wrote {target}")
     return written
 
 
-def read_outcomes(out_dir: str, model_file: str | None) -> dict | None:
-    """The outcomes :func:`write_outcomes` wrote for ``model_file``, or None."""
-    if not model_file:
+def _read(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            outcome = json.load(f)
+    except (OSError, ValueError):
         return None
-    path = outcome_path(out_dir, model_file)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        outcome = json.load(f)
     return outcome if outcome.get("format") == FORMAT else None
 
 
+def _same_result(a: dict | None, b: dict | None) -> bool:
+    return bool(a) and bool(b) and all(name in a and abs(a[name] - value) <= TOLERANCE for name, value in b.items())
+
+
+def read_outcomes(out_dir: str, run: dict) -> dict | None:
+    """The outcomes :func:`write_outcomes` wrote for ``run`` (a run's result: ``model_file``,
+    ``test_result``), or None: none there, refused, or of another run with the same checkpoint name
+    (their test results differ)."""
+    if not run.get("model_file"):
+        return None
+    outcome = _read(outcome_path(out_dir, run["model_file"]))
+    if outcome is None or "refused" in outcome or not _same_result(outcome.get("test_result"), run.get("test_result")):
+        return None
+    return outcome
+
+
 def paired_difference(a: dict, b: dict, metric: str) -> tuple[float, float] | None:
-    """Mean and standard error of ``a``'s minus ``b``'s per-user ``metric`` over the users both
-    ranked (the paired standard error ``sd(d) / sqrt(n)``), or None when they share no metric or
-    fewer than two users, or the differences have no spread."""
+    """Mean and standard error of ``a``'s minus ``b``'s per-user ``metric`` (the paired standard
+    error ``sd(d) / sqrt(n)``), or None unless both ranked the same set of users (each once) and
+    have the metric, or when the differences have no spread."""
     if metric not in a.get("metrics", {}) or metric not in b.get("metrics", {}):
         return None
     other = dict(zip(b["users"], b["metrics"][metric]))
-    diffs = [value - other[user] for user, value in zip(a["users"], a["metrics"][metric]) if user in other]
+    if len(other) != len(b["users"]) or set(a["users"]) != set(other) or len(a["users"]) != len(other):
+        return None
+    diffs = [value - other[user] for user, value in zip(a["users"], a["metrics"][metric])]
     n = len(diffs)
     if n < 2:
         return None

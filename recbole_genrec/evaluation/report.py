@@ -223,7 +223,8 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
     if any_paired:
         lines.append("- \"paired SE\": the mean of the per-user differences over the test users both models "
                      "ranked, in standard errors of that mean (the checkpoints re-evaluated, their means equal to "
-                     "the records'; `python -m recbole_genrec.evaluation.per_user`)"
+                     "the records'; `python -m recbole_genrec.evaluation.per_user`). It compares these two trained "
+                     "models on these users: the spread between training seeds is not in it"
                      + ("; \"SE\" alone: unpaired, over the test users (conservative)." if any_unpaired else "."))
     if group_key and lines:  # no SE: say how few independent units the verdicts rest on
         n_users = users.get(baseline)
@@ -658,7 +659,7 @@ def run_outcomes(report_dir: str, runs: list[dict]) -> dict:
     outcomes = {}
     for model, model_runs in by_model.items():
         if len(model_runs) == 1:
-            outcome = read_outcomes(os.path.join(report_dir, "per_user"), model_runs[0].get("model_file"))
+            outcome = read_outcomes(os.path.join(report_dir, "per_user"), model_runs[0])
             if outcome is not None and outcome.get("seed") == model_runs[0].get("seed"):
                 outcomes[model] = outcome
     return outcomes

@@ -356,7 +356,7 @@ class TwoLevelLLMRec(GenerativeRecommender):
         """``ann_rerank``: the top ``ann_candidates`` items (or ``candidates``) by MIPS over ``e + c(item)``
         (Sec. 4.3.2), re-ranked by their exact ``log P(item | h)`` (Eq. 4; ``log Z`` only of candidates'
         clusters, see ``TwoLevelSoftmax.rerank_topk``). Items ``[B, k]`` and their log-probabilities. An
-        HNSW search looks ``max(hnsw_ef_search, ann_candidates)`` nodes wide."""
+        HNSW search looks at least as many nodes wide as it retrieves candidates."""
         m = min(candidates or self.ann_candidates, self.n_items - 1)
         if m < k:
             raise ValueError(f"ann_candidates ({self.ann_candidates}) must be >= k ({k})")
@@ -367,13 +367,15 @@ class TwoLevelLLMRec(GenerativeRecommender):
         return self.output.rerank_topk(h, vectors, candidates, k, self._cache["blocks"])
 
     def retrieve_topk(self, h, k: int):
-        """The top-``k`` items ``[B, k]`` and their scores by the single-step ``twolevel_inference``."""
+        """The top-``k`` items ``[B, k]`` and their scores by the single-step ``twolevel_inference``
+        (an HNSW search widened to ``k`` nodes when ``k`` is above ``max(topk)``: a narrower one
+        returns fewer than ``k`` items)."""
         if self.inference == "structure":
             items, values, _ = self.output.structure_topk(h, self.item_vectors(), k)
             return items, values
         if self.inference == "ann_rerank":
             return self.ann_rerank_topk(h, k, candidates=max(self.ann_candidates, k))
-        return self.ann_topk(h, k)
+        return self.ann_topk(h, k, ef_search=max(self.hnsw_ef_search or 0, k) if k > self.topk else None)
 
     def full_sort_predict(self, interaction):
         """``exact``: every item's Eq. 4 log-probability. Otherwise the top ``max(topk)`` items of
@@ -390,7 +392,9 @@ class TwoLevelLLMRec(GenerativeRecommender):
         else:
             allowed = self.allowed_items.to(h.device).clone()
             allowed[0] = False
-            k = max(1, min(k, int(allowed.sum())))
+            if not allowed.any():
+                return torch.full((len(h), self.n_items), float("-inf"), device=h.device)
+            k = min(k, int(allowed.sum()))
             m = k
             while True:
                 items, values = self.retrieve_topk(h, m)
