@@ -609,6 +609,8 @@ def test_per_user_outcomes_reproduce_the_record_and_give_paired_standard_errors(
     compare(models, "genrec-tiny", [TINY_YAML], config, records_only=True, report_dir=str(tmp_path / "rep"))
     text = open(tmp_path / "rep" / "report.md").read()
     assert text.count("paired SE)") >= 4 and '- "paired SE"' in text  # recall/ndcg/mrr/hit of both models
+    masked_table = _md_table_after(text, "### Past items masked")
+    assert [row["model"] for row in masked_table] == ["SASRec", "LightGCN", "TwoLevelLLMRec"]
     for path in written:
         outcome = json.loads(open(path).read())
         record = json.loads((runs_dir / outcome["record"]).read_text())
@@ -620,6 +622,15 @@ def test_per_user_outcomes_reproduce_the_record_and_give_paired_standard_errors(
             assert all(0 <= v <= 1 for v in values)
         hits, recalls = outcome["metrics"]["hit@10"], outcome["metrics"]["recall@10"]
         assert hits == recalls and set(hits) <= {0.0, 1.0}  # leave-one-out: one target per user
+        # past items masked: a target that is not a past item can only move up, one that is drops out
+        masked = outcome["history_masked"]["metrics"]["hit@10"]
+        past = _past_targets(outcome["users"])
+        assert all(m >= h for u, m, h in zip(outcome["users"], masked, hits) if u not in past)
+        assert all(m == 0 for u, m in zip(outcome["users"], masked) if u in past)
+        if outcome["model"] != "LightGCN":  # RecBole already masks its training items
+            fresh = [(m, h) for u, m, h in zip(outcome["users"], masked, hits) if u not in past]
+            assert sum(m for m, _ in fresh) > sum(h for _, h in fresh)  # past items made way for new ones
+        assert past  # (genrec-tiny repeats items: both sides of the mask are exercised)
         ndcg, mrr = outcome["metrics"]["ndcg@10"], outcome["metrics"]["mrr@10"]
         assert all((h == 0) == (g == 0) == (m == 0) for h, g, m in zip(hits, ndcg, mrr))
 
@@ -638,6 +649,22 @@ def test_per_user_outcomes_reproduce_the_record_and_give_paired_standard_errors(
     assert per_user.read_outcomes(str(out), record["result"]) is None
     messages.clear()
     assert per_user.write_outcomes(str(runs_dir), str(out), log=messages.append) == [] and messages == []  # not again
+
+
+def _past_targets(users) -> set:
+    """genrec-tiny's users whose leave-one-out test target is an item they rated before."""
+    from recbole.data import data_preparation
+
+    from recbole_genrec.config import Config
+    from recbole_genrec.utils import create_dataset
+
+    config = Config("SASRec", "genrec-tiny", [TINY_YAML], {})
+    data = create_dataset(config)
+    _, _, test = data_preparation(config, data)
+    inter, tokens = test._dataset.inter_feat, data.field2id_token[data.uid_field]
+    seqs, targets = inter[data.iid_field + config["LIST_SUFFIX"]], inter[data.iid_field]
+    return {str(tokens[u]) for u, seq, t in zip(inter[data.uid_field].tolist(), seqs, targets.tolist())
+            if t in set(seq.tolist())}
 
 
 def test_paired_standard_error_of_per_user_differences():

@@ -26,7 +26,7 @@ import math
 import os
 import sys
 
-FORMAT = 1
+FORMAT = 2  # 2: with history_masked
 # a record's test result is rounded to RecBole's metric_decimal_place (4): a mean recomputed from the
 # per-user values must be within half a unit of it
 TOLERANCE = 0.5e-4 + 1e-9
@@ -56,8 +56,11 @@ def _per_user_metrics(config, struct) -> dict[str, list[float]]:
 def user_outcomes(model_file: str, recorded: dict | None = None) -> dict:
     """Re-evaluate ``model_file`` (a best checkpoint written by a run) on its test split; return
     ``{"format", "model", "seed", "model_file", "users": [user token per test user], "metrics":
-    {metric@k: [value per user]}, "test_result"}``. With ``recorded`` (the run's recorded result,
-    ``records.read_record``), a ValueError unless the recomputed means equal its test result."""
+    {metric@k: [value per user]}, "test_result", "history_masked"}``. With ``recorded`` (the run's
+    recorded result, ``records.read_record``), a ValueError unless the recomputed means equal its test
+    result. ``history_masked`` (``{"metrics", "test_result"}``, for a run that did not mask history):
+    the same checkpoint evaluated again with every user's earlier items scored ``-inf``
+    (``eval_mask_history``, :mod:`recbole_genrec.evaluation.history_mask`)."""
     import torch
 
     from recbole_genrec.evaluation.history_mask import install_history_mask
@@ -74,7 +77,8 @@ def user_outcomes(model_file: str, recorded: dict | None = None) -> dict:
         if key in config:
             config[key] = off
     trainer = resumable(get_trainer(config["MODEL_TYPE"], config["model"]))(config, model)
-    if config["eval_mask_history"]:
+    masked_as_run = bool(config["eval_mask_history"])
+    if masked_as_run:
         install_history_mask(trainer, train_data, valid_data, test_data)
     collector, uid_field, users, kept = trainer.eval_collector, config["USER_ID_FIELD"], [], []
     collect, get_struct = collector.eval_batch_collect, collector.get_data_struct
@@ -90,28 +94,38 @@ def user_outcomes(model_file: str, recorded: dict | None = None) -> dict:
 
     collector.eval_batch_collect, collector.get_data_struct = capture, keep_struct
     unscored_items_are_misses(collector)  # outermost, as in every run (runs.prepare)
-    with torch.no_grad():
-        result = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
-    metrics = _per_user_metrics(config, kept[-1])
-    ids = torch.cat(users).tolist()
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{model_file}: several test rows per user; per-user outcomes need one (leave-one-out)")
+
+    def evaluate():
+        users.clear()
+        with torch.no_grad():
+            result = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+        metrics, ids = _per_user_metrics(config, kept[-1]), torch.cat(users).tolist()
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{model_file}: several test rows per user; per-user outcomes need one (leave-one-out)")
+        for name, values in metrics.items():
+            if len(values) != len(ids):
+                raise ValueError(f"{model_file}: {name} has {len(values)} values for {len(ids)} test rows")
+            if abs(sum(values) / len(values) - result[name]) > TOLERANCE:
+                raise ValueError(f"{model_file}: per-user {name} averages {sum(values) / len(values):.6f}, "
+                                 f"RecBole reports {result[name]}")
+        return ids, metrics, {k: float(v) for k, v in result.items()}
+
+    ids, metrics, result = evaluate()
     tokens = data.field2id_token[uid_field]
     outcome = {"format": FORMAT, "model": config["model"], "seed": config["seed"],
                "model_file": os.path.basename(model_file), "users": [str(tokens[i]) for i in ids],
-               "metrics": metrics, "test_result": {k: float(v) for k, v in result.items()}}
-    for name, values in metrics.items():
-        if len(values) != len(ids):
-            raise ValueError(f"{model_file}: {name} has {len(values)} values for {len(ids)} test rows")
-        mean = sum(values) / len(values)
-        if abs(mean - result[name]) > TOLERANCE:
-            raise ValueError(f"{model_file}: per-user {name} averages {mean:.6f}, RecBole reports {result[name]}")
+               "metrics": metrics, "test_result": result}
     if recorded is not None:
-        expected = recorded["test_result"]
-        for name, value in expected.items():
+        for name, value in recorded["test_result"].items():
             if name in metrics and abs(sum(metrics[name]) / len(ids) - value) > TOLERANCE:
                 raise ValueError(f"{model_file} does not reproduce its record: test {name} "
                                  f"{sum(metrics[name]) / len(ids):.4f} here, {value} in the record")
+    if not masked_as_run:
+        install_history_mask(trainer, train_data, valid_data, test_data)
+        masked_ids, masked, masked_result = evaluate()
+        if masked_ids != ids:
+            raise ValueError(f"{model_file}: the masked evaluation ranked other test rows")
+        outcome["history_masked"] = {"metrics": masked, "test_result": masked_result}
     return outcome
 
 

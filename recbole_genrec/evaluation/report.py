@@ -7,6 +7,7 @@ with the Agg canvas (no display, no pyplot state). Every file is written atomica
 
 from __future__ import annotations
 
+import collections
 import csv
 import datetime
 import io
@@ -567,7 +568,7 @@ def machine() -> dict:
 
 def write_report(report_dir: str, title: str, table: str, table_stem: str, images: list[tuple[str, str]],
                  seeds: list, runs: list[dict] | None = None, missing=(), versus: list[str] = (),
-                 per_user_targets: bool = False, in_training=()) -> str:
+                 per_user_targets: bool = False, in_training=(), masked: list[str] = ()) -> str:
     """``report.md``: the table, the images (``(heading, path)``, embedded by relative path), the
     exact command, git commit, package versions and machine, and each run's own command, commit
     and date (a run reused from its record was trained by another command). ``missing``: runs asked
@@ -592,6 +593,7 @@ def write_report(report_dir: str, title: str, table: str, table_stem: str, image
         lines += ["", masking, ""]
     if versus:
         lines += ["", "### Against SASRec", "", *versus, ""]
+    lines += list(masked)
     lines += missing_lines(missing, runs)
     if in_training:
         lines += in_training_table(in_training)
@@ -648,21 +650,62 @@ def in_training_table(in_training) -> list[str]:
     return lines + [""]
 
 
-def run_outcomes(report_dir: str, runs: list[dict]) -> dict:
-    """``{model: per-user outcomes}`` from ``<report_dir>/per_user`` for each model with one run
-    (one seed) whose checkpoint has such a file (:mod:`recbole_genrec.evaluation.per_user`)."""
+def run_outcomes(report_dir: str, runs: list[dict]) -> dict[str, list[dict]]:
+    """``{model: [per-user outcomes of each of its runs that has them]}`` from ``<report_dir>/per_user``
+    (:mod:`recbole_genrec.evaluation.per_user`: only outcomes that reproduce the run's test result)."""
     from recbole_genrec.evaluation.per_user import read_outcomes
 
-    by_model: dict[str, list] = {}
+    outcomes: dict[str, list] = {}
     for run in runs:
-        by_model.setdefault(run.get("model"), []).append(run)
-    outcomes = {}
-    for model, model_runs in by_model.items():
-        if len(model_runs) == 1:
-            outcome = read_outcomes(os.path.join(report_dir, "per_user"), model_runs[0])
-            if outcome is not None and outcome.get("seed") == model_runs[0].get("seed"):
-                outcomes[model] = outcome
+        outcome = read_outcomes(os.path.join(report_dir, "per_user"), run)
+        if outcome is not None and outcome.get("seed") == run.get("seed"):
+            outcomes.setdefault(run.get("model"), []).append(outcome)
     return outcomes
+
+
+BEAM_MODELS = ("TIGER", "LETTER", "TTDS")
+
+
+def history_masked_lines(runs: list[dict], outcomes: dict[str, list[dict]]) -> list[str]:
+    """A table of each model's test metrics with every user's past items masked: the per-user
+    outcomes' ``history_masked`` (the same checkpoints evaluated again), mean ± std over the runs
+    that have them, beside recall@k as the model's runs were evaluated. Empty without any."""
+    rows = []
+    for model in dict.fromkeys(r.get("model") for r in runs):
+        masked = [o["history_masked"]["test_result"] for o in outcomes.get(model, []) if "history_masked" in o]
+        if masked:
+            plain = [o["test_result"] for o in outcomes[model] if "history_masked" in o]
+            rows.append((model, masked, plain))
+    if not rows:
+        return []
+    columns = list(rows[0][1][0])
+    recall = ([c for c in columns if c.startswith("recall@")] or columns)[-1]
+
+    def cell(values):
+        return f"{values[0]:.4f}" if len(values) == 1 else f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+    lines = ["", "### Past items masked (the same checkpoints)", "",
+             "Each run's best checkpoint evaluated again on the test split with every item the user rated "
+             "before the test target scored `-inf` (`--eval_mask_history=True`: the training and validation "
+             "interactions), as TokenRec's official evaluation does; on data without repeated interactions "
+             "(ml-100k) a past item is never a target. The checkpoints are those chosen on the unmasked validation "
+             "split. RecBole already masks training items for its general models (LightGCN)."]
+    beams = [m for m, _, _ in rows if _base_model(m) in BEAM_MODELS]
+    if beams:
+        lines.append(f"{', '.join(beams)} score only the items their beam search reaches (about 20); masking "
+                     "removes past items from those without decoding others, so their masked numbers are a "
+                     "lower bound.")
+    lines += ["", "| model | seeds | " + " | ".join(columns) + f" | {recall} as run |",
+              "|---|---|" + "---|" * (len(columns) + 1)]
+    for model, masked, plain in rows:
+        lines.append(f"| {model} | {len(masked)} | " + " | ".join(cell([m[c] for m in masked]) for c in columns)
+                     + f" | {cell([p[recall] for p in plain])} |")
+    return lines + [""]
+
+
+def _base_model(spec: str) -> str:
+    """``SETRec[llm_preset=...]`` -> ``SETRec``."""
+    return spec.split("[", 1)[0]
 
 
 def build_report(report_dir: str, title: str, table: str, table_stem: str, summaries: list[dict],
@@ -688,9 +731,12 @@ def build_report(report_dir: str, title: str, table: str, table_stem: str, summa
     images.append(("Inference time per user", plot_inference_time(
         runs, out("inference_time"), f"{label}: inference time per test user")))
     seeds = list(dict.fromkeys(r.get("seed") for r in runs))
-    versus = versus_baseline(summaries, runs, group_key, outcomes=None if group_key else run_outcomes(report_dir, runs))
+    outcomes = {} if group_key else run_outcomes(report_dir, runs)
+    n_runs = collections.Counter(r.get("model") for r in runs)
+    single = {m: found[0] for m, found in outcomes.items() if len(found) == 1 and n_runs[m] == 1}
+    versus = versus_baseline(summaries, runs, group_key, outcomes=single)
     return write_report(report_dir, title, table, table_stem, images, seeds, runs, missing, versus, per_user_targets,
-                        in_training)
+                        in_training, masked=history_masked_lines(runs, outcomes))
 
 
 # ----- the README's Results section ------------------------------------------------------------
