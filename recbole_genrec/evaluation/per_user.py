@@ -105,24 +105,25 @@ def user_outcomes(model_file: str, recorded: dict | None = None) -> dict:
         for name, values in metrics.items():
             if len(values) != len(ids):
                 raise ValueError(f"{model_file}: {name} has {len(values)} values for {len(ids)} test rows")
-            if abs(sum(values) / len(values) - result[name]) > TOLERANCE:
-                raise ValueError(f"{model_file}: per-user {name} averages {sum(values) / len(values):.6f}, "
-                                 f"RecBole reports {result[name]}")
-        return ids, metrics, {k: float(v) for k, v in result.items()}
+        means = {name: sum(values) / len(values) for name, values in metrics.items()}
+        for name, mean in means.items():
+            if abs(mean - result[name]) > TOLERANCE:
+                raise ValueError(f"{model_file}: per-user {name} averages {mean:.6f}, RecBole reports {result[name]}")
+        return ids, metrics, means, {k: float(v) for k, v in result.items()}
 
-    ids, metrics, result = evaluate()
+    ids, metrics, means, result = evaluate()
     tokens = data.field2id_token[uid_field]
     outcome = {"format": FORMAT, "model": config["model"], "seed": config["seed"],
                "model_file": os.path.basename(model_file), "users": [str(tokens[i]) for i in ids],
                "metrics": metrics, "test_result": result}
     if recorded is not None:
         for name, value in recorded["test_result"].items():
-            if name in metrics and abs(sum(metrics[name]) / len(ids) - value) > TOLERANCE:
+            if name in means and abs(means[name] - value) > TOLERANCE:
                 raise ValueError(f"{model_file} does not reproduce its record: test {name} "
-                                 f"{sum(metrics[name]) / len(ids):.4f} here, {value} in the record")
+                                 f"{means[name]:.4f} here, {value} in the record")
     if not masked_as_run:
         install_history_mask(trainer, train_data, valid_data, test_data)
-        masked_ids, masked, masked_result = evaluate()
+        masked_ids, masked, _, masked_result = evaluate()
         if masked_ids != ids:
             raise ValueError(f"{model_file}: the masked evaluation ranked other test rows")
         outcome["history_masked"] = {"metrics": masked, "test_result": masked_result}
@@ -137,19 +138,17 @@ def write_outcomes(runs_dir: str, out_dir: str, log=print) -> list[str]:
     """:func:`user_outcomes` for every leave-one-out record in ``runs_dir`` whose checkpoint exists
     and has no file in ``out_dir`` yet; each written to a temporary file and renamed. Returns the
     paths written. A checkpoint that does not reproduce its record is reported and skipped."""
-    from recbole_genrec.evaluation.records import read_record
+    from recbole_genrec.atomic import atomic_write_text
+    from recbole_genrec.evaluation.records import read_record, record_protocol
 
     written = []
     os.makedirs(out_dir, exist_ok=True)
 
     def write(target, outcome):
-        tmp = target + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(outcome, f)
-        os.replace(tmp, target)
+        atomic_write_text(target, json.dumps(outcome))
 
     for path in sorted(glob.glob(os.path.join(runs_dir, "*.json"))):
-        if "-warm_cold-" in os.path.basename(path) or "-unseen_users-" in os.path.basename(path):
+        if record_protocol(path) != "leave_one_out":
             continue  # their test users are split into groups: not covered
         recorded = read_record(path)
         model_file = (recorded or {}).get("model_file")

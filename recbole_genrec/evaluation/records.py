@@ -76,6 +76,11 @@ def read_record(path: str) -> dict | None:
     return result
 
 
+def record_protocol(name: str) -> str:
+    """The protocol of a record from its file name (:func:`record_path`)."""
+    return next((p for p in PROTOCOLS[1:] if f"-{p}-" in os.path.basename(name)), "leave_one_out")
+
+
 def find_record(model, dataset, config_file_list, config_dict, protocol: str = "leave_one_out", saved=True):
     """``(config, path, result or None)``: the config of a run, the record it would write with the
     code and data as they are now, and that record's result if it exists."""
@@ -225,7 +230,7 @@ def _run_key(record: dict, name: str):
         several |= char == "," and depth == 0
     if not spec or several:
         return None
-    protocol = next((p for p in PROTOCOLS[1:] if f"-{p}-" in name), "leave_one_out")
+    protocol = record_protocol(name)
     if "-last_epoch-" in name:
         protocol += " (last epoch)"
     seed = (record.get("result") or {}).get("seed", record.get("seed"))

@@ -690,7 +690,9 @@ def history_masked_lines(runs: list[dict], outcomes: dict[str, list[dict]]) -> l
              "interactions), as TokenRec's official evaluation does; on data without repeated interactions "
              "(ml-100k) a past item is never a target. The checkpoints are those chosen on the unmasked validation "
              "split. RecBole already masks training items for its general models (LightGCN)."]
-    beams = [m for m, _, _ in rows if _base_model(m) in BEAM_MODELS]
+    from recbole_genrec.evaluation.protocols import parse_model_spec
+
+    beams = [m for m, _, _ in rows if parse_model_spec(m)[0] in BEAM_MODELS]
     if beams:
         lines.append(f"{', '.join(beams)} score only the items their beam search reaches (about 20); masking "
                      "removes past items from those without decoding others, so their masked numbers are a "
@@ -701,11 +703,6 @@ def history_masked_lines(runs: list[dict], outcomes: dict[str, list[dict]]) -> l
         lines.append(f"| {model} | {len(masked)} | " + " | ".join(cell([m[c] for m in masked]) for c in columns)
                      + f" | {cell([p[recall] for p in plain])} |")
     return lines + [""]
-
-
-def _base_model(spec: str) -> str:
-    """``SETRec[llm_preset=...]`` -> ``SETRec``."""
-    return spec.split("[", 1)[0]
 
 
 def build_report(report_dir: str, title: str, table: str, table_stem: str, summaries: list[dict],
