@@ -31,7 +31,7 @@ LOO_MODELS="SASRec,BERT4Rec,LightGCN,LightGCN[stopping_step=20],TIGER,LETTER,SET
 WARM_COLD_MODELS="SASRec,LightGCN,TwoLevelLLMRec,SETRec,TokenRec,TIGER,LETTER,TTDS"
 
 LANES=(
-  "A||LightGCN#2020,2021,2022 LightGCN[stopping_step=20]#2020,2021,2022 SASRec TwoLevelLLMRec SASRec@warm_cold LightGCN@warm_cold TwoLevelLLMRec@warm_cold TokenRec@warm_cold"
+  "A||LightGCN#2020,2021,2022 LightGCN[stopping_step=20]#2020,2021,2022 SASRec TwoLevelLLMRec#2020,2021,2022 LightGCN@warm_cold#2020,2021,2022 SASRec@warm_cold TwoLevelLLMRec@warm_cold TokenRec@warm_cold"
   "B||TIGER SETRec TIGER@warm_cold SETRec@warm_cold"
   "L||LETTER LETTER@warm_cold"
   "T||TTDS TTDS@warm_cold"
@@ -139,7 +139,7 @@ case "${1:-}" in
     cd "$ROOT"
     OMP_NUM_THREADS=1 "$PY" run_recbole_genrec.py --compare="$LOO_MODELS" --seeds=2020,2021,2022 --dataset=ml-100k \
       "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --records_only --report=results/ml-100k
-    OMP_NUM_THREADS=1 "$PY" run_recbole_genrec.py --protocol=warm_cold --compare="$WARM_COLD_MODELS" --dataset=ml-100k \
+    OMP_NUM_THREADS=1 "$PY" run_recbole_genrec.py --protocol=warm_cold --compare="$WARM_COLD_MODELS" --seeds=2020,2021,2022 --dataset=ml-100k \
       "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --records_only --report=results/ml-100k-warm_cold
     "$PY" -m recbole_genrec.evaluation.report README.md results/ml-100k/report.md ml-100k
     "$PY" -m recbole_genrec.evaluation.report README.md results/ml-100k-warm_cold/report.md ml-100k-warm_cold
