@@ -13,8 +13,9 @@
 #   bash results/lanes.sh status    # what each lane is running, its last progress line
 #
 # Each lane runs from its own git worktree of the current commit, so editing the checkout does not
-# change the code of a run under way. The five lanes share the project's two cores (each run is slower,
-# the work done in a session about the same). A run that finishes leaves its record in $WORK/saved/runs:
+# change the code of a run under way. The lanes share the project's two cores (each run is slower,
+# the work done in a session about the same); TTDS's two runs, the longest, have a lane each, so
+# that no single run is left alone on one core at the end while the other core idles. A run that finishes leaves its record in $WORK/saved/runs:
 # copy it to results/<report>/runs/ and make the report (README, "Converged").
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -34,7 +35,8 @@ LANES=(
   "A||LightGCN#2020,2021,2022 LightGCN[stopping_step=20]#2020,2021,2022 SASRec TwoLevelLLMRec#2020,2021,2022 LightGCN@warm_cold#2020,2021,2022 SASRec@warm_cold TwoLevelLLMRec@warm_cold TokenRec@warm_cold"
   "B||TIGER SETRec TIGER@warm_cold SETRec@warm_cold"
   "L||LETTER LETTER@warm_cold"
-  "T||TTDS TTDS@warm_cold"
+  "T||TTDS"
+  "W||TTDS@warm_cold"
   "S||TokenRec TokenRec[tokenrec_loss=softmax] BERT4Rec SETRec[llm_preset=qwen2-tiny]"
 )
 
