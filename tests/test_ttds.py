@@ -56,8 +56,36 @@ def test_tables_are_one_to_one_with_forced_collisions(tmp_path):
 
 def test_suffix_overflow_is_a_clear_error(tmp_path):
     _, trainer, train, *_ = build(tmp_path, ttds_codebook_size=2, ttds_suffix_size=4)
-    with pytest.raises(ValueError, match="share one code tuple"):
+    with pytest.raises(ValueError, match="TTDS item IDs: .* share one code tuple.*ttds_suffix_size"):
         trainer.model.train_stage("warmup", train, None, stage_cfg(trainer))
+
+
+# the warm/cold protocol's split (global time order, 8:1:1): some users come after the training period
+WARM_COLD_SPLIT = {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": None, "mode": "full"}
+
+
+def test_users_without_text_share_one_sid_and_do_not_fit_the_user_tower(tmp_path):
+    # 16 x 16 tuples: the users with text rarely share one; the suffix (12) is smaller than the
+    # number of users without any training interaction, who all have the same (empty) text
+    _, trainer, train, *_ = build(tmp_path, eval_args=WARM_COLD_SPLIT, ttds_codebook_size=16, ttds_suffix_size=12)
+    m = trainer.model
+    has = m.user_has_text[1:]
+    assert [bool(t) for t in m.user_text_strings[1:]] == [bool(m.train_items[u]) for u in range(1, m.n_users)]
+    assert int((~has).sum()) > m.S and has.any()
+    assert not m.user_x[1:][~has].any()  # their X: the zero row of an empty text
+    m.train_stage("warmup", train, None, stage_cfg(trainer))
+    sid = m.user_sid[1:]
+    assert len(torch.unique(sid[has], dim=0)) == int(has.sum())  # one-to-one over the users with text
+    assert len(torch.unique(sid[~has], dim=0)) == 1  # one Sid for all users without text ...
+    assert not (sid[has] == sid[~has][0]).all(1).any()  # ... that no user with text has
+    # the user tower is fitted to the users with text only (standardisation, as the refresh re-fits it)
+    x = m.user_x[1:][has]
+    assert torch.allclose(m.user_tower.x_mean, x.mean(0)) and torch.allclose(m.user_tower.x_std, x.std(0).clamp(min=1e-6))
+    # and a joint epoch's refresh keeps the rule
+    _joint_steps(m, train, steps=2)
+    m.refresh_ids()
+    sid = m.user_sid[1:]
+    assert len(torch.unique(sid[has], dim=0)) == int(has.sum()) and len(torch.unique(sid[~has], dim=0)) == 1
 
 
 def test_warmup_keeps_the_llm_bit_identical_and_halves_l_dm(tmp_path):
@@ -190,11 +218,11 @@ def test_a_backbone_that_knows_no_words_reads_x_from_the_text_encoder(tmp_path, 
     assert torch.equal(m.text_targets("item"), m.item_x[1:])  # and the joint losses read it, not the LLM
 
 
-def test_encoder_x_of_users_without_any_text_is_zero(tmp_path):
-    _, trainer, train, *_ = build(tmp_path, ttds_user_history_titles=0)  # no .user fields either
-    m = trainer.model
-    assert m.text_source == "encoder" and not any(m.user_text_strings)
-    assert m.user_x.shape[1] == m.item_x.shape[1] and not m.user_x.any()
+def test_a_user_tower_without_any_user_text_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no user has any text.*user_text_fields.*ttds_user_tower"):
+        build(tmp_path, ttds_user_history_titles=0)  # no .user fields either
+    _, trainer, *_ = build(tmp_path, ttds_user_history_titles=0, ttds_user_tower=False)  # no user tower: fine
+    assert trainer.model.user_tower is None
 
 
 def test_towers_train_at_their_own_learning_rate_in_the_joint_stage(tmp_path):

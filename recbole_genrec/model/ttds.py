@@ -8,7 +8,10 @@ Generator"). No public code exists; where the paper is silent the choice is ours
   ``item_text_fields``. Users: ``user_text_fields`` of the ``.user`` file when given, then the
   titles (first ``item_text_fields`` column) of the user's last ``ttds_user_history_titles``
   TRAINING items, newest first, so that a text cut to the encoder's length drops the oldest titles
-  (paper: comments/queries/profile, which ml-100k lacks; our choice). With
+  (paper: comments/queries/profile, which ml-100k lacks; our choice). A user with no text at all
+  (no training interaction and no ``user_text_fields``: under the warm/cold protocol, users who
+  arrive after its training period) is told apart by nothing: all such users share one Sid and
+  do not fit the user tower (our choice). With
   ``llm_path`` the backbone's tokenizer reads the text; the tiny presets have no vocabulary, so
   text words are hashed (md5) into ``ttds_text_vocab`` extra tokens of the backbone (our choice).
 - **X for a backbone that knows no words** (our choice): the paper's LLM is pretrained; the tiny
@@ -193,6 +196,16 @@ class TTDS(GenerativeRecommender):
         item_texts = load_item_texts(config, dataset)
         user_texts = self.user_texts(config, dataset, self.train_items) if self.use_user else [""]
         self.user_text_strings = user_texts  # kept for inspection (tests, logging)
+        # users with no text at all (no training interaction, no user_text_fields; e.g. users who come
+        # after the warm/cold protocol's training period): nothing tells them apart, so they share one
+        # Sid and take no part in fitting the user tower (our choice; the paper's users all have text)
+        self.register_buffer("user_has_text", torch.tensor([bool(t) for t in user_texts]), persistent=False)
+        if self.use_user and not bool(self.user_has_text[1:].any()):
+            raise ValueError(
+                "TTDS: no user has any text for the user tower: user_text_fields is empty and no user has a "
+                "training title (ttds_user_history_titles = "
+                f"{config['ttds_user_history_titles']}); set user_text_fields (e.g. [age, gender, occupation] "
+                "for ml-100k), ttds_user_history_titles > 0, or ttds_user_tower: False")
         max_len = int(config["ttds_text_length"])
         self.register_buffer("item_text_ids", self.tokenize(item_texts, max_len), persistent=False)
         self.register_buffer("user_text_ids", self.tokenize(user_texts, max_len), persistent=False)
@@ -471,6 +484,31 @@ class TTDS(GenerativeRecommender):
     def tower(self, kind):
         return self.item_tower if kind == "item" else self.user_tower
 
+    def with_text(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """The rows of ``x`` (rows 1..n of one tower) of the entities that have text: every item; the
+        users with text (``user_has_text``). Only they fit a tower (k-means, standardisation)."""
+        return x if kind == "item" else x[self.user_has_text[1:].to(x.device)]
+
+    def code_table(self, kind: str, codes: torch.Tensor) -> torch.Tensor:
+        """One-to-one table ``[n, M + 1]`` (collision suffix, Sec. 4.2.5) of one tower's codes; the
+        users without text are one entity, so they share one Sid (that of the first of them)."""
+        keep = torch.ones(len(codes), dtype=torch.bool, device=codes.device)
+        if kind == "user":
+            keep = self.user_has_text[1:].to(codes.device).clone()
+            empty = torch.nonzero(~keep).flatten()
+            if len(empty):
+                keep[empty[0]] = True
+        try:
+            table = build_code_table(codes[keep], "suffix", suffix_size=self.S)
+        except ValueError as err:
+            raise ValueError(f"TTDS {kind} IDs: {err} (here ttds_codebook_size or ttds_suffix_size)") from None
+        if bool(keep.all()):
+            return table
+        full = torch.empty(len(codes), table.shape[1], dtype=table.dtype, device=table.device)
+        full[keep] = table
+        full[~keep] = table[int(keep[: int(empty[0])].sum())]  # the first user without text's row
+        return full
+
     def dm_loss(self, kind: str, x: torch.Tensor) -> dict:
         """L_ID, L_Token and L_DM (Eq. 12-14) of entities with text representations ``x [n, d]``."""
         x = x.detach()
@@ -504,6 +542,7 @@ class TTDS(GenerativeRecommender):
         and codes no entity uses are re-seeded on current residuals (as TIGER's RQ-VAE does
         between epochs). Returns the re-seeded count."""
         tower = self.tower(kind)
+        x = self.with_text(kind, x)
         tower.x_mean.copy_(x.mean(0))
         tower.x_std.copy_(x.std(0).clamp(min=1e-6))
         _, codes, residuals, _ = tower.quantize(tower.encode(x))
@@ -539,7 +578,7 @@ class TTDS(GenerativeRecommender):
             target = self.item_sid if kind == "item" else self.user_sid
             old = target[1:].clone()
             try:
-                table = build_code_table(codes, "suffix", suffix_size=self.S)
+                table = self.code_table(kind, codes)
             except ValueError as err:
                 if not bool((old > 0).all()):  # no earlier table to keep: a clear error
                     raise
@@ -547,7 +586,8 @@ class TTDS(GenerativeRecommender):
                 stats[f"{kind}_changed"] = 0.0
                 continue
             tokens = self.sid_tokens(kind, table)
-            stats[f"{kind}_collision_rate"] = round(1.0 - len(torch.unique(codes, dim=0)) / len(codes), 4)
+            distinct = torch.unique(table[:, : self.M], dim=0)  # over the entities with text (+ one without)
+            stats[f"{kind}_collision_rate"] = round(1.0 - len(distinct) / len(torch.unique(table, dim=0)), 4)
             stats[f"{kind}_changed"] = round(float((old != tokens).any(1).float().mean()), 4)
             stats[f"{kind}_changed@0"] = round(float((old[:, 0] != tokens[:, 0]).float().mean()), 4)  # first level
             target[1:] = tokens
@@ -572,6 +612,7 @@ class TTDS(GenerativeRecommender):
             else:
                 x = {k: self.text_repr(self.item_text_ids[1:] if k == "item" else self.user_text_ids[1:]) for k in kinds}
                 self.keep_text_targets(x)
+            x = {k: self.with_text(k, x[k]) for k in kinds}  # the towers fit the entities with text
             if self.indexer == "rq":
                 g = torch.Generator().manual_seed(int(self.config["seed"]))
                 for k in kinds:
