@@ -44,10 +44,11 @@ lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $
   local name=$1 extra=$2; shift 2
   cd "$WORK/tree-$name"
   for model in "$@"; do
+    local rc=0
     local log="$WORK/logs/$name-${model//[^A-Za-z0-9_=.-]/_}.log"
     if [ "$extra" = small ]; then
       OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" benchmarks/small_catalogue.py --models "${model%:*}" \
-        --user_seed "${model#*:}" --checkpoint_dir "$WORK/small" --out "$WORK/small/data" >> "$log" 2>&1 || true
+        --user_seed "${model#*:}" --checkpoint_dir "$WORK/small" --out "$WORK/small/data" >> "$log" 2>&1 || rc=$?
     else
       local protocol="" seeds="" spec="$model"
       if [ "${spec%#*}" != "$spec" ]; then seeds="--seeds=${spec#*#}"; spec="${spec%#*}"; fi
@@ -55,9 +56,11 @@ lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $
       # shellcheck disable=SC2086
       OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" run_recbole_genrec.py --compare="$spec" \
         --dataset=ml-100k "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --show_progress=False \
-        --resume=True --reuse_runs $extra $protocol $seeds >> "$log" 2>&1 || true
+        --resume=True --reuse_runs $extra $protocol $seeds >> "$log" 2>&1 || rc=$?
     fi
-    echo "$(date -Is) $model done" >> "$WORK/logs/$name.done"
+    # "failed(rc=N)": the run ended with an error (its log says which); the lane goes on with the next
+    if [ "$rc" = 0 ]; then echo "$(date -Is) $model done"; else echo "$(date -Is) $model failed(rc=$rc)"; fi \
+      >> "$WORK/logs/$name.done"
   done
 }
 
@@ -155,7 +158,11 @@ case "${1:-}" in
         running=$(tr '\0' ' ' < "/proc/$pid/cmdline" | grep -o -- '--compare=[^ ]*\|--models [^ ]*' | head -1)
         [ "$(awk '{print $3}' "/proc/$pid/stat")" = T ] && running="$running (paused)"
       done
-      echo "lane $name: ${running:-nothing running}; done: $(cut -d' ' -f2 "$WORK/logs/$name.done" 2> /dev/null | tr '\n' ' ')"
+      # each model once, with the outcome of its last attempt
+      ended=$(awk '{ if (!($2 in state)) order[++n] = $2; state[$2] = $3 }
+        END { for (i = 1; i <= n; i++) printf "%s%s ", order[i], (state[order[i]] == "done" ? "" : " (" state[order[i]] ")") }' \
+        "$WORK/logs/$name.done" 2> /dev/null || true)
+      echo "lane $name: ${running:-nothing running}; ended: $ended"
       log=$(ls -t "$WORK"/logs/"$name"-*.log 2> /dev/null | head -1)
       [ -n "$log" ] && grep -E "progress:|stage \[" "$log" | tail -1 | cut -c1-160 | sed 's/^/  /'
     done
