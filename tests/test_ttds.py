@@ -73,7 +73,15 @@ def test_users_without_text_share_one_sid_and_do_not_fit_the_user_tower(tmp_path
     assert [bool(t) for t in m.user_text_strings[1:]] == [bool(m.train_items[u]) for u in range(1, m.n_users)]
     assert int((~has).sum()) > m.S and has.any()
     assert not m.user_x[1:][~has].any()  # their X: the zero row of an empty text
+    # every user row that fits the user tower (k-means, the warm-up's and the joint stage's L_DM)
+    fitted = []
+    init, dm = m.user_tower.init_codebooks, m.dm_loss
+    m.user_tower.init_codebooks = lambda x, **kw: (fitted.append(x), init(x, **kw))[1]
+    m.dm_loss = lambda kind, x: (fitted.append(x) if kind == "user" else None, dm(kind, x))[1]
     m.train_stage("warmup", train, None, stage_cfg(trainer))
+    with_text = {tuple(row) for row in m.user_x[1:][has].tolist()}
+    assert len(fitted) > 1 and all(tuple(row) in with_text for x in fitted for row in x.tolist())
+    assert len(fitted[0]) == int(has.sum())  # k-means on all users with text
     sid = m.user_sid[1:]
     assert len(torch.unique(sid[has], dim=0)) == int(has.sum())  # one-to-one over the users with text
     assert len(torch.unique(sid[~has], dim=0)) == 1  # one Sid for all users without text ...
@@ -82,10 +90,36 @@ def test_users_without_text_share_one_sid_and_do_not_fit_the_user_tower(tmp_path
     x = m.user_x[1:][has]
     assert torch.allclose(m.user_tower.x_mean, x.mean(0)) and torch.allclose(m.user_tower.x_std, x.std(0).clamp(min=1e-6))
     # and a joint epoch's refresh keeps the rule
+    fitted.clear()
     _joint_steps(m, train, steps=2)
+    assert fitted and all(tuple(row) in with_text for x in fitted for row in x.tolist())
+    # a user with training rows but no text (user_text_fields only, a user the .user file lacks)
+    batch = next(iter(train))
+    m.user_has_text[torch.unique(batch[m.USER_ID])] = False
+    fitted.clear()
+    m.batch_dm_loss(batch)
+    assert not fitted  # no user row reached the user tower
+    m.user_has_text[1:] = has
     m.refresh_ids()
     sid = m.user_sid[1:]
     assert len(torch.unique(sid[has], dim=0)) == int(has.sum()) and len(torch.unique(sid[~has], dim=0)) == 1
+    # LSH centres on the users with text
+    m.indexer = "lsh"
+    x = m.user_x[1:]
+    lsh = m.compute_codes("user", x)
+    x_text = x[has]
+    proj = torch.einsum("nd,lbd->nlb", x_text - x_text.mean(0), m.lsh_planes)
+    assert torch.equal(lsh[has], ((proj > 0).long() * 2 ** torch.arange(proj.shape[-1])).sum(-1) % m.N)
+
+
+def test_with_every_user_having_text_the_user_table_is_the_plain_collision_table(tmp_path):
+    from recbole_genrec.quantize.codes import build_code_table
+
+    _, trainer, *_ = build(tmp_path, ttds_codebook_size=2, ttds_suffix_size=80)  # leave-one-out: all have text
+    m = trainer.model
+    assert m.user_has_text[1:].all()
+    codes = torch.randint(0, 2, (m.n_users - 1, m.M), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(m.code_table("user", codes), build_code_table(codes, "suffix", suffix_size=m.S))
 
 
 def test_warmup_keeps_the_llm_bit_identical_and_halves_l_dm(tmp_path):

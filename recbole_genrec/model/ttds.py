@@ -528,7 +528,7 @@ class TTDS(GenerativeRecommender):
         if self.indexer == "rq":
             return self.tower(kind).get_codes(x)
         if self.indexer == "lsh":
-            proj = torch.einsum("nd,lbd->nlb", x - x.mean(0), self.lsh_planes.to(x.device))
+            proj = torch.einsum("nd,lbd->nlb", x - self.with_text(kind, x).mean(0), self.lsh_planes.to(x.device))
             weights = 2 ** torch.arange(proj.shape[-1], device=x.device)
             return ((proj > 0).long() * weights).sum(-1) % self.N
         g = torch.Generator().manual_seed(int(self.config["seed"]) + (0 if kind == "item" else 1))
@@ -800,8 +800,10 @@ class TTDS(GenerativeRecommender):
         items = self._sample(torch.unique(interaction[self.POS_ITEM_ID]))
         loss = self.dm_loss("item", self.text_targets("item", items))["dm"]
         if self.use_user:
-            users = self._sample(torch.unique(interaction[self.USER_ID]))
-            loss = loss + self.dm_loss("user", self.text_targets("user", users))["dm"]
+            users = torch.unique(interaction[self.USER_ID])
+            users = self._sample(users[self.user_has_text[users]])  # the tower fits users with text only
+            if len(users):
+                loss = loss + self.dm_loss("user", self.text_targets("user", users))["dm"]
         return loss
 
     # ----- decoding ---------------------------------------------------------------------------
