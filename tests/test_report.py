@@ -611,6 +611,14 @@ def test_per_user_outcomes_reproduce_the_record_and_give_paired_standard_errors(
     assert text.count("paired SE)") >= 4 and '- "paired SE"' in text  # recall/ndcg/mrr/hit of both models
     masked_table = _md_table_after(text, "### Past items masked")
     assert [row["model"] for row in masked_table] == ["SASRec", "LightGCN", "TwoLevelLLMRec"]
+    # a second LightGCN seed: LightGCN is then paired through each user's mean over its two seeds
+    compare("LightGCN", "genrec-tiny", [TINY_YAML], config, saved=True, output_dir=str(tmp_path / "b"), seeds=[2021])
+    assert len(per_user.write_outcomes(str(runs_dir), str(out), log=lambda *_: None)) == 1
+    compare(models, "genrec-tiny", [TINY_YAML], config, records_only=True, report_dir=str(tmp_path / "rep"),
+            seeds=[2020, 2021])
+    text = open(tmp_path / "rep" / "report.md").read()
+    lightgcn = next(line for line in text.splitlines() if line.startswith("- **LightGCN**"))
+    assert lightgcn.count("paired SE)") >= 2 and "each user's value averaged over its seeds" in text
     for path in written:
         outcome = json.loads(open(path).read())
         record = json.loads((runs_dir / outcome["record"]).read_text())
@@ -690,3 +698,25 @@ def test_paired_standard_error_of_per_user_differences():
     assert "ndcg@10 0.3000 vs 0.1000 (+0.2000)" in lines[0]  # no per-user ndcg in these outcomes
     assert "paired" not in lines[1] and "+0.5 SE" not in lines[1] and "SE)" in lines[1]  # LETTER: unpaired
     assert lines[2].startswith('- "paired SE"') and '"SE" alone: unpaired' in lines[2]
+
+
+def test_paired_standard_error_over_several_seeds_pairs_the_seed_averaged_users():
+    """A model with several seeds is paired through each user's mean over its seeds (users matched
+    by name, in any order), so that the paired mean difference is the table's difference of means."""
+    def outcome(users, hits):
+        return {"users": users, "metrics": {"hit@10": hits, "recall@10": hits}}
+
+    seed1 = outcome(["u1", "u2", "u3", "u4"], [1.0, 0.0, 1.0, 0.0])
+    seed2 = outcome(["u4", "u3", "u2", "u1"], [1.0, 1.0, 0.0, 0.0])  # u1 0, u2 0, u3 1, u4 1
+    averaged = report.seed_averaged([seed1, seed2])
+    assert averaged["n_seeds"] == 2 and dict(zip(averaged["users"], averaged["metrics"]["hit@10"])) == {
+        "u1": 0.5, "u2": 0.0, "u3": 1.0, "u4": 0.5}
+    assert report.seed_averaged([seed1, outcome(["u1", "u2", "u3", "u9"], [0.0] * 4)]) is None  # other users
+    base = outcome(["u1", "u2", "u3", "u4"], [0.0, 0.0, 1.0, 0.0])
+    rows = [{"model": "SASRec", "seed": 1, "recall@10": 0.25, "hit@10": 0.25}] + [
+        {"model": "TIGER", "seed": seed, "recall@10": r, "hit@10": r} for seed, r in ((1, 0.5), (2, 0.5))]
+    runs = [{"model": r["model"], "seed": r["seed"], "n_test_users": 4} for r in rows]
+    lines = report.versus_baseline(report.summarize(rows), runs, outcomes={"SASRec": base, "TIGER": averaged})
+    # differences per user: 0.5, 0, 0, 0.5 -> mean 0.25 (the table's 0.5 - 0.25), SE sqrt(1/12) / 2
+    assert "recall@10 0.5000 vs 0.2500 (+0.2500, +1.7 paired SE)" in lines[0]
+    assert "each user's value averaged over its seeds" in lines[1]

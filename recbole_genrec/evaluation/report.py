@@ -163,8 +163,9 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
     """One plain sentence per model (and group) saying whether it beats or trails ``baseline`` on
     each test metric, with the difference (RecBole's smaller-is-better metrics counted the right
     way round), also in standard errors. Where ``outcomes`` (``{model: per-user outcomes}``, see
-    :mod:`recbole_genrec.evaluation.per_user`) holds both the model and the baseline, on every
-    metric: the paired standard error of the per-user differences (both rank the same users).
+    :mod:`recbole_genrec.evaluation.per_user`; several seeds: :func:`seed_averaged`) holds both the
+    model and the baseline, on every metric: the paired standard error of the per-user differences
+    (both rank the same users).
     Otherwise for hit@k, a share of test users: the unpaired ``sqrt(p1 (1-p1) / n + p2 (1-p2) / n)``
     over ``n`` test users (conservative); for recall@k too where it equals hit@k (one target per
     user, as in leave-one-out). Not for the group tables (their users per group are not recorded: a last
@@ -177,7 +178,7 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
     users = {run.get("model"): run.get("n_test_users") for run in runs}
     base = {s.get(group_key): s for s in summaries if s["model"] == baseline}
     outcomes = {} if group_key else (outcomes or {})
-    lines, any_paired, any_unpaired = [], False, False
+    lines, any_paired, any_unpaired, seeds_averaged = [], False, False, False
     for summary in summaries:
         ref = base.get(summary.get(group_key))
         if ref is None or summary["model"] == baseline:
@@ -204,6 +205,7 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
                 z_scores.append(paired[0] / paired[1])
                 part += f", {z_scores[-1]:+.1f} paired SE"
                 any_paired = True
+                seeds_averaged |= any(outcomes[m].get("n_seeds", 1) > 1 for m in (summary["model"], baseline))
             elif n and binary and 0 < p < 1 and 0 < q < 1:
                 se = math.sqrt(p * (1 - p) / n + q * (1 - q) / n)
                 z_scores.append((p - q) / se)
@@ -224,8 +226,11 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
     if any_paired:
         lines.append("- \"paired SE\": the mean of the per-user differences over the test users both models "
                      "ranked, in standard errors of that mean (the checkpoints re-evaluated, their means equal to "
-                     "the records'; `python -m recbole_genrec.evaluation.per_user`). It compares these two trained "
-                     "models on these users: the spread between training seeds is not in it"
+                     "the records'; `python -m recbole_genrec.evaluation.per_user`"
+                     + ("; a model with several seeds: each user's value averaged over its seeds, as the "
+                        "table's mean is" if seeds_averaged else "")
+                     + "). It compares these trained models on these users: the spread between training seeds "
+                     "is not in it"
                      + ("; \"SE\" alone: unpaired, over the test users (conservative)." if any_unpaired else "."))
     if group_key and lines:  # no SE: say how few independent units the verdicts rest on
         n_users = users.get(baseline)
@@ -663,6 +668,21 @@ def run_outcomes(report_dir: str, runs: list[dict]) -> dict[str, list[dict]]:
     return outcomes
 
 
+def seed_averaged(found: list[dict]) -> dict | None:
+    """One model's per-user outcomes over its seeds as one (what :func:`versus_baseline` pairs): each
+    user's value of every metric averaged over the runs, so that its mean is the table's mean over
+    seeds; ``n_seeds`` says how many. None unless every run ranked the same users, each once."""
+    users = found[0]["users"]
+    if any(len(set(o["users"])) != len(o["users"]) or set(o["users"]) != set(users) for o in found):
+        return None
+    metrics = {}
+    for name in found[0]["metrics"]:
+        if all(name in o["metrics"] for o in found):
+            by_user = [dict(zip(o["users"], o["metrics"][name])) for o in found]
+            metrics[name] = [sum(values[user] for values in by_user) / len(found) for user in users]
+    return {"users": list(users), "metrics": metrics, "n_seeds": len(found)}
+
+
 BEAM_MODELS = ("TIGER", "LETTER", "TTDS")
 
 
@@ -730,8 +750,9 @@ def build_report(report_dir: str, title: str, table: str, table_stem: str, summa
     seeds = list(dict.fromkeys(r.get("seed") for r in runs))
     outcomes = {} if group_key else run_outcomes(report_dir, runs)
     n_runs = collections.Counter(r.get("model") for r in runs)
-    single = {m: found[0] for m, found in outcomes.items() if len(found) == 1 and n_runs[m] == 1}
-    versus = versus_baseline(summaries, runs, group_key, outcomes=single)
+    # paired where every run of the model in the table (each seed) has its per-user outcomes
+    complete = {m: seed_averaged(found) for m, found in outcomes.items() if len(found) == n_runs[m]}
+    versus = versus_baseline(summaries, runs, group_key, outcomes={m: o for m, o in complete.items() if o})
     return write_report(report_dir, title, table, table_stem, images, seeds, runs, missing, versus, per_user_targets,
                         in_training, masked=history_masked_lines(runs, outcomes))
 
