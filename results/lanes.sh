@@ -15,8 +15,9 @@
 # Each lane runs from its own git worktree of the current commit, so editing the checkout does not
 # change the code of a run under way. The lanes share the project's two cores (each run is slower,
 # the work done in a session about the same); TTDS's two runs, the longest, have a lane each, so
-# that no single run is left alone on one core at the end while the other core idles. A run that finishes leaves its record in $WORK/saved/runs:
-# copy it to results/<report>/runs/ and make the report (README, "Converged").
+# that no single run is left alone on one core at the end while the other core idles. A run that
+# finishes leaves its record in $WORK/saved/runs: copy it to results/<report>/runs/ and make the
+# report (README, "Converged").
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${WORK:-/work/results}"
