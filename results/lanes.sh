@@ -38,7 +38,7 @@ LANES=(
   "L||LETTER LETTER@warm_cold"
   "T||TTDS"
   "W||TTDS@warm_cold"
-  "S||TokenRec TokenRec[tokenrec_loss=softmax] BERT4Rec SETRec[llm_preset=qwen2-tiny]"
+  "S||BERT4Rec SETRec[llm_preset=qwen2-tiny] TokenRec TokenRec[tokenrec_loss=softmax]"
 )
 
 lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $WORK/tree-NAME

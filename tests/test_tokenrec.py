@@ -372,3 +372,47 @@ def test_a_bad_loss_option_names_itself(tmp_path):
     for tau in (True, float("inf")):  # (a string from the command line or config_dict is evaluated by RecBole)
         with pytest.raises(ValueError, match="tokenrec_tau"):
             build(tmp_path, tokenrec_loss="softmax", tokenrec_tau=tau)
+
+
+WARM_COLD_SPLIT = {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": None, "mode": "full"}
+
+
+def test_users_without_training_interactions_get_codes_from_their_history(tmp_path, monkeypatch):
+    import recbole_genrec.model.tokenrec as module
+
+    model, train, valid, test = build(tmp_path, eval_args=WARM_COLD_SPLIT)
+    ds = train._dataset
+    counts = torch.bincount(ds.inter_feat[ds.uid_field], minlength=model.n_users)
+    new = (counts == 0) & (torch.arange(model.n_users) > 0)
+    assert torch.equal(model.trained_users, ~new & (torch.arange(model.n_users) > 0)) and new.sum() > 5
+    test_users = test._dataset.inter_feat[model.USER_ID]
+    assert new[test_users].any()  # the warm/cold test period holds such users (with a history)
+    # the user MQ-Tokenizer is fitted on the trained users' LightGCN vectors only
+    fitted = {}
+    fit = module.train_mq_tokenizer
+    monkeypatch.setattr(module, "train_mq_tokenizer",
+                        lambda tok, x, name, **kw: (fitted.__setitem__(name, x.clone()), fit(tok, x, name=name, **kw))[1])
+    model.train_stage("cf", train, valid, CF_STAGE)
+    model.train_stage("tokenizer", train, valid, {"epochs": 5, "learning_rate": 5e-3, "batch_size": 64})
+    assert torch.equal(fitted["user MQ-Tokenizer"], model.user_emb[model.trained_users])
+    tokenize = model.user_tokenizer.tokenize
+    average = tokenize(model.user_emb[model.trained_users].mean(0, keepdim=True))[0]
+    assert (model.user_codes[new] == average).all()  # stored codes: the trained users' mean vector
+    assert torch.equal(model.user_codes[~new][1:], tokenize(model.user_emb[~new][1:]))
+    # in a prompt, a new user's codes tokenize the mean vector of its history items; a trained user keeps its own
+    u_new, u_old = int(new.nonzero()[0]), int((~new).nonzero()[1])
+    K, L = model.n_books, model.book_size
+    differ = []
+    for history in ([3, 5, 8], [10, 2]):
+        users = torch.tensor([u_new, u_old])
+        seq = torch.zeros(2, model.max_seq_length, dtype=torch.long)
+        seq[:, :len(history)] = torch.tensor(history)
+        ids, _ = model.prompt_ids(users, seq, torch.tensor([len(history)] * 2))
+        expected_new = tokenize(model.item_emb[history].mean(0, keepdim=True))[0]
+        assert torch.equal(ids[0, :K], model.user_offset + torch.arange(K) * L + expected_new)
+        assert torch.equal(ids[1, :K], model.user_offset + torch.arange(K) * L + model.user_codes[u_old])
+        differ.append(not torch.equal(expected_new, average))
+    assert any(differ)  # the history, not the stored codes, decided
+    model.prompt = "user"  # prompt 1 has no history: the stored codes
+    ids, _ = model.prompt_ids(torch.tensor([u_new]))
+    assert torch.equal(ids[0, :K], model.user_offset + torch.arange(K) * L + average)

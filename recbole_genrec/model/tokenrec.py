@@ -21,6 +21,14 @@ Stages:
   ``benchmarks/tokenrec_space.py``) replaces it with a cross-entropy over the Eq. 19 cosines of all
   items divided by ``tokenrec_tau``. No autoregressive decoding: ``full_sort_predict`` returns all cosine scores and
   :meth:`retrieve` gives the same top-k through a faiss index.
+
+Users with no training interaction (on the warm/cold split, users who arrive after the training
+period) have no LightGCN vector: their rows are LightGCN's untrained initial vectors. The paper's unseen
+users (Sec. III-C) have training interactions to refresh from (:meth:`refresh_user_embeddings`); these
+have none, so (our choice, the paper is silent) they take no part in fitting the user MQ-Tokenizer, and
+their user codes tokenize the mean LightGCN vector of the history items in their prompt (LightGCN's
+first layer makes a user a normalised sum of its items' vectors; on ml-100k a trained user's vector has
+cosine 0.90 with its items' mean), or of the trained users' mean vector when the prompt has no history.
 """
 
 from __future__ import annotations
@@ -122,6 +130,9 @@ class TokenRec(GenerativeRecommender):
         self.register_buffer("item_emb", torch.zeros(self.n_items, self.cf_dim))
         # unseen-user protocol (Sec. III-C, see fewest_interaction_users)
         self.register_buffer("unseen_users", self.fewest_interaction_users(dataset, config["unseen_user_ratio"] or 0.0))
+        # users with at least one training interaction (the others: see the module docstring)
+        counts = torch.bincount(dataset.inter_feat[dataset.uid_field], minlength=self.n_users)
+        self.register_buffer("trained_users", (counts > 0) & (torch.arange(self.n_users) > 0))
         self.register_buffer("user_codes", torch.zeros(self.n_users, self.n_books, dtype=torch.long))
         self.register_buffer("item_codes", torch.zeros(self.n_items, self.n_books, dtype=torch.long))
 
@@ -149,8 +160,7 @@ class TokenRec(GenerativeRecommender):
     def train_stage(self, stage, train_data, valid_data, stage_config, show_progress=False):
         if stage == "cf":
             return self._cf_stage(stage_config, show_progress)
-        seen = ~self.unseen_users
-        seen[0] = False
+        seen = ~self.unseen_users & self.trained_users
         x_items, x_users = self.item_emb[1:], self.user_emb[seen]
         seed = self.config["seed"]
         common = dict(epochs=stage_config["epochs"], lr=stage_config["learning_rate"],
@@ -249,7 +259,11 @@ class TokenRec(GenerativeRecommender):
     def assign_codes(self):
         self.item_tokenizer.eval(), self.user_tokenizer.eval()
         self.item_codes[1:] = self.item_tokenizer.tokenize(self.item_emb[1:])
-        self.user_codes[1:] = self.user_tokenizer.tokenize(self.user_emb[1:])
+        z = self.user_emb[1:].clone()
+        trained = self.trained_users[1:]
+        if not trained.all():  # no training interaction: the trained users' mean (a prompt's history overrides it)
+            z[~trained] = z[trained].mean(0)
+        self.user_codes[1:] = self.user_tokenizer.tokenize(z)
 
     def stage_state_dict(self, stage):
         if stage == "cf":
@@ -277,8 +291,23 @@ class TokenRec(GenerativeRecommender):
             | self.cf_stage_signature()
 
     # ----- prompts (Eq. 15) -------------------------------------------------------------------
-    def user_tokens(self, users):
-        return self.user_offset + torch.arange(self.n_books, device=users.device) * self.book_size + self.user_codes[users]
+    def user_tokens(self, users, items=None, valid=None):
+        """The K user tokens; a user with no training interaction gets the codes of the mean LightGCN
+        vector of its prompt's history ``items`` (``valid`` slots), see the module docstring."""
+        return self.user_offset + torch.arange(self.n_books, device=users.device) * self.book_size \
+            + self.history_user_codes(users, items, valid)
+
+    @torch.no_grad()
+    def history_user_codes(self, users, items=None, valid=None):
+        codes = self.user_codes[users]
+        new = ~self.trained_users[users]
+        if items is None or not new.any():
+            return codes
+        weight = valid[new].unsqueeze(-1).float()
+        has_history = valid[new].any(1, keepdim=True)
+        z = (self.item_emb[items[new]] * weight).sum(1) / weight.sum(1).clamp(min=1)
+        codes[new] = torch.where(has_history, self.user_tokenizer.tokenize(z), codes[new])
+        return codes
 
     def item_tokens(self, items):
         return self.item_offset + torch.arange(self.n_books, device=items.device) * self.book_size + self.item_codes[items]
@@ -310,7 +339,7 @@ class TokenRec(GenerativeRecommender):
                 items = self.shuffle_history(items, valid)
         if self.text_prompts:
             return self.text_prompt_ids(users, items, valid, shuffle)
-        parts = [self.user_tokens(users)]
+        parts = [self.user_tokens(users, items, valid)]
         if items is not None:
             tokens = self.item_tokens(items).masked_fill(~valid.unsqueeze(-1), self.pad_id)
             parts.append(tokens.flatten(1))
@@ -341,7 +370,7 @@ class TokenRec(GenerativeRecommender):
     def text_prompt_ids(self, users, items, valid, train):
         templates = self.train_templates if train else self.eval_templates
         choice = torch.randint(len(templates), (len(users),)).tolist() if len(templates) > 1 else [0] * len(users)
-        user_codes = self.user_tokens(users).tolist()
+        user_codes = self.user_tokens(users, items, valid).tolist()
         histories = [[]] * len(users)
         if items is not None:
             codes, valid = self.item_tokens(items).tolist(), valid.tolist()
