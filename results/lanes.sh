@@ -73,10 +73,12 @@ lane_pids() {  # lane_pids NAME PATTERN: the processes matching PATTERN (pgrep -
   true
 }
 
-per_user() {  # each finished leave-one-out run's per-user test metrics (paired SE in the report), while its
-  # checkpoint is here: finished runs' checkpoints are not carried to the next machine
+per_user() {  # each finished run's per-user (warm/cold: per-target) test metrics (paired SE in the report),
+  # while its checkpoint is here: finished runs' checkpoints are not carried to the next machine
   OMP_NUM_THREADS=1 "$PY" -m recbole_genrec.evaluation.per_user "$WORK/saved/runs" "$ROOT/results/ml-100k/per_user" \
     2>&1 | grep -E "^(wrote|skipped)" || true
+  OMP_NUM_THREADS=1 "$PY" -m recbole_genrec.evaluation.per_user "$WORK/saved/runs" \
+    "$ROOT/results/ml-100k-warm_cold/per_user" --protocol=warm_cold 2>&1 | grep -E "^(wrote|skipped)" || true
 }
 
 cp_records() {  # new records of $WORK/saved/runs into results/<report>/runs (existing ones are kept)

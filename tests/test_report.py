@@ -659,6 +659,59 @@ def test_per_user_outcomes_reproduce_the_record_and_give_paired_standard_errors(
     assert per_user.write_outcomes(str(runs_dir), str(out), log=messages.append) == [] and messages == []  # not again
 
 
+def test_warm_cold_per_target_outcomes_give_user_clustered_paired_standard_errors(tmp_path):
+    """Warm/cold: each test interaction's metrics, on all, warm and cold targets, re-evaluated from the
+    best checkpoint (named by the run's fingerprint, as with ``resume``), reproduce the record's group
+    means; the report's group lines then carry a paired standard error clustered by user. A general
+    model (one ranked row per user with all its targets) is refused, by name."""
+    import json
+
+    from recbole_genrec.evaluation import per_user, protocols
+
+    config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 2, "cf_epochs": 2, "resume": True}
+    models = "SASRec,TwoLevelLLMRec,LightGCN"
+    protocols.run_warm_cold(models, "genrec-tiny", [TINY_YAML], config, output_dir=str(tmp_path / "a"))
+    runs_dir, out = tmp_path / "saved" / "runs", tmp_path / "rep" / "per_user"
+    messages = []
+    written = per_user.write_outcomes(str(runs_dir), str(out), log=messages.append, protocol="warm_cold")
+    skipped = [m for m in messages if m.startswith("skipped")]
+    assert len(written) == 2 and len(skipped) == 1 and "LightGCN" in skipped[0]
+    assert "one target per ranked row" in skipped[0]
+    for path in written:
+        outcome = json.loads(open(path).read())
+        record = json.loads((runs_dir / os.path.basename(path)).read_text())["result"]
+        assert set(outcome["groups"]) == {g for g, part in record["groups"].items() if part["n"]}
+        for group, part in outcome["groups"].items():
+            n = record["groups"][group]["n"]
+            assert len(part["users"]) == len(part["items"]) == n
+            assert len(set(per_user.row_keys(part))) == n  # each test interaction once (an item may come again)
+            for name, value in record["groups"][group]["metrics"].items():
+                assert abs(sum(part["metrics"][name]) / n - value) <= per_user.TOLERANCE, (group, name)
+        users = outcome["groups"]["all"]["users"]
+        assert len(set(users)) < len(users)  # several targets per test user: clustering matters
+    protocols.run_warm_cold(models, "genrec-tiny", [TINY_YAML], config, records_only=True,
+                            report_dir=str(tmp_path / "rep"))
+    text = open(tmp_path / "rep" / "report.md").read()
+    line = next(row for row in text.splitlines() if row.startswith("- **TwoLevelLLMRec**") and "on all targets" in row)
+    assert line.count("paired SE)") >= 2 and "clustered by user" in text
+    assert "No standard errors for the targets groups" not in text
+    assert "paired" not in next(row for row in text.splitlines() if row.startswith("- **LightGCN**"))
+
+
+def test_paired_standard_error_is_clustered_by_user_over_several_targets():
+    from recbole_genrec.evaluation import per_user
+
+    a = {"users": ["u1", "u1", "u2", "u3"], "items": ["i1", "i2", "i3", "i4"], "metrics": {"hit@10": [1.0, 1.0, 0.0, 1.0]}}
+    b = {"users": ["u3", "u2", "u1", "u1"], "items": ["i4", "i3", "i2", "i1"], "metrics": {"hit@10": [1.0, 0.0, 0.0, 0.0]}}
+    mean, se = per_user.paired_difference(a, b, "hit@10")  # matched by (user, item): d = [1, 1, 0, 0]
+    # user sums of d - 0.5: u1 1.0, u2 -0.5, u3 -0.5; sqrt(3 / 2 * 1.5) / 4 (unclustered: 0.2887)
+    assert mean == 0.5 and abs(se - 0.375) < 1e-12
+    b_other = dict(b, items=["i4", "i3", "i2", "i9"])
+    assert per_user.paired_difference(a, b_other, "hit@10") is None  # another target: not the same rows
+    averaged = report.seed_averaged([{"groups": {"all": a}}, {"groups": {"all": dict(b, metrics={"hit@10": [1.0, 0.0, 1.0, 1.0]})}}])
+    assert averaged["groups"]["all"]["metrics"]["hit@10"] == [1.0, 1.0, 0.0, 1.0]  # by (user, item), not position
+
+
 def _past_targets(users) -> set:
     """genrec-tiny's users whose leave-one-out test target is an item they rated before."""
     from recbole.data import data_preparation

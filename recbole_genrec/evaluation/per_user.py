@@ -14,6 +14,14 @@ writes ``OUT_DIR/<checkpoint name>.json`` for each leave-one-out record in ``RUN
 checkpoint is on disk and that has no such file yet (``bash results/lanes.sh report`` does this for
 ``results/ml-100k/per_user``); :func:`paired_difference` is what the report's "Against SASRec"
 lines use (``report.versus_baseline``).
+
+    python -m recbole_genrec.evaluation.per_user RUNS_DIR OUT_DIR --protocol=warm_cold
+
+does the same for warm/cold records (``OUT_DIR/<record name>.json``): a test user has several
+targets there, so each test interaction's metrics are kept, on all, warm and cold targets (each
+group evaluated as the run was), keyed by user and target item; the paired standard error is then
+clustered by user. Only models that rank each test interaction once (sequential ones) have them:
+RecBole ranks a general model (LightGCN) once per user with all its targets.
 """
 
 from __future__ import annotations
@@ -80,11 +88,14 @@ def user_outcomes(model_file: str, recorded: dict | None = None) -> dict:
     masked_as_run = bool(config["eval_mask_history"])
     if masked_as_run:
         install_history_mask(trainer, train_data, valid_data, test_data)
-    collector, uid_field, users, kept = trainer.eval_collector, config["USER_ID_FIELD"], [], []
+    collector, uid_field, users, items, kept = trainer.eval_collector, config["USER_ID_FIELD"], [], [], []
     collect, get_struct = collector.eval_batch_collect, collector.get_data_struct
 
     def capture(scores_tensor, interaction, positive_u, positive_i):  # the rows, in RecBole's order
         users.append(interaction[uid_field].cpu())
+        rows = len(users[-1])
+        one_target = len(positive_u) == rows and torch.equal(positive_u.cpu().sort().values, torch.arange(rows))
+        items.append(positive_i.cpu()[positive_u.cpu().argsort()] if one_target else None)
         return collect(scores_tensor, interaction, positive_u, positive_i)
 
     def keep_struct():
@@ -95,12 +106,15 @@ def user_outcomes(model_file: str, recorded: dict | None = None) -> dict:
     collector.eval_batch_collect, collector.get_data_struct = capture, keep_struct
     unscored_items_are_misses(collector)  # outermost, as in every run (runs.prepare)
 
-    def evaluate():
-        users.clear()
+    def evaluate(loader=test_data, per_interaction=False):
+        users.clear(), items.clear()
         with torch.no_grad():
-            result = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+            result = trainer.evaluate(loader, load_best_model=False, show_progress=False)
         metrics, ids = _per_user_metrics(config, kept[-1]), torch.cat(users).tolist()
-        if len(set(ids)) != len(ids):
+        if per_interaction and any(batch is None for batch in items):
+            raise ValueError(f"{model_file}: {config['model']} ranks some test users once with all their targets; "
+                             "per-interaction outcomes need one target per ranked row (a sequential model)")
+        if not per_interaction and len(set(ids)) != len(ids):
             raise ValueError(f"{model_file}: several test rows per user; per-user outcomes need one (leave-one-out)")
         for name, values in metrics.items():
             if len(values) != len(ids):
@@ -109,35 +123,87 @@ def user_outcomes(model_file: str, recorded: dict | None = None) -> dict:
         for name, mean in means.items():
             if abs(mean - result[name]) > TOLERANCE:
                 raise ValueError(f"{model_file}: per-user {name} averages {mean:.6f}, RecBole reports {result[name]}")
-        return ids, metrics, means, {k: float(v) for k, v in result.items()}
+        targets = torch.cat(items).tolist() if per_interaction else None
+        return ids, metrics, means, {k: float(v) for k, v in result.items()}, targets
 
-    ids, metrics, means, result = evaluate()
     tokens = data.field2id_token[uid_field]
     outcome = {"format": FORMAT, "model": config["model"], "seed": config["seed"],
-               "model_file": os.path.basename(model_file), "users": [str(tokens[i]) for i in ids],
-               "metrics": metrics, "test_result": result}
+               "model_file": os.path.basename(model_file)}
+    if recorded is not None and "groups" in recorded:  # warm/cold: every test interaction, per group
+        outcome["groups"] = _warm_cold_outcomes(trainer, train_data, test_data, evaluate, tokens,
+                                                data.field2id_token[config["ITEM_ID_FIELD"]])
+        for group, part in recorded["groups"].items():
+            _check_reproduced(model_file, outcome["groups"].get(group, {}).get("test_result", {}), part["metrics"],
+                              f"{group} targets")
+        return outcome
+    ids, metrics, means, result, _ = evaluate()
+    outcome.update({"users": [str(tokens[i]) for i in ids], "metrics": metrics, "test_result": result})
     if recorded is not None:
-        for name, value in recorded["test_result"].items():
-            if name in means and abs(means[name] - value) > TOLERANCE:
-                raise ValueError(f"{model_file} does not reproduce its record: test {name} "
-                                 f"{means[name]:.4f} here, {value} in the record")
+        _check_reproduced(model_file, means, recorded["test_result"], "test")
     if not masked_as_run:
         install_history_mask(trainer, train_data, valid_data, test_data)
-        masked_ids, masked, _, masked_result = evaluate()
+        masked_ids, masked, _, masked_result, _ = evaluate()
         if masked_ids != ids:
             raise ValueError(f"{model_file}: the masked evaluation ranked other test rows")
         outcome["history_masked"] = {"metrics": masked, "test_result": masked_result}
     return outcome
 
 
+def _check_reproduced(model_file, means: dict, recorded: dict, what: str) -> None:
+    for name, value in recorded.items():
+        if name in means and abs(means[name] - value) > TOLERANCE:
+            raise ValueError(f"{model_file} does not reproduce its record: {what} {name} "
+                             f"{means[name]:.4f} here, {value} in the record")
+
+
+def _warm_cold_outcomes(trainer, train_data, test_data, evaluate, user_tokens, item_tokens) -> dict:
+    """``{group: {"users", "items", "metrics", "test_result"}}`` for all, warm and cold targets, each
+    evaluated as :func:`recbole_genrec.evaluation.runs.warm_cold_metrics` does (a group's targets
+    ranked among that group's items only)."""
+    from recbole_genrec.evaluation.runs import restricted_catalogue, subset_loader, warm_items
+
+    warm = warm_items(train_data._dataset)
+    cold = ~warm
+    cold[0] = False
+    targets = test_data._dataset.inter_feat[test_data._dataset.iid_field]
+    groups = {}
+    for group, allowed in (("all", None), ("warm", warm), ("cold", cold)):
+        if allowed is None:
+            ids, metrics, _, result, target_ids = evaluate(test_data, per_interaction=True)
+        elif not allowed[targets].any():
+            continue
+        else:
+            with restricted_catalogue(trainer.model, allowed):
+                ids, metrics, _, result, target_ids = evaluate(subset_loader(test_data, allowed[targets]),
+                                                               per_interaction=True)
+        groups[group] = {"users": [str(user_tokens[i]) for i in ids], "items": [str(item_tokens[i]) for i in target_ids],
+                         "metrics": metrics, "test_result": result}
+    return groups
+
+
+def warm_cold_checkpoint(record_file: str) -> str | None:
+    """The best checkpoint of a warm/cold run (its record keeps none): a run with ``resume`` names it
+    ``<model>-<dataset>-<run fingerprint>.pth`` in the checkpoint folder above ``runs/``, the
+    fingerprint its record's name ends with. None when the record is unreadable."""
+    try:
+        with open(record_file, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    fingerprint = os.path.splitext(os.path.basename(record_file))[0].rsplit("-", 1)[-1]
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(record_file)))
+    return os.path.join(folder, f"{record.get('model')}-{record.get('dataset')}-{fingerprint}.pth")
+
+
 def outcome_path(out_dir: str, model_file: str) -> str:
     return os.path.join(out_dir, os.path.splitext(os.path.basename(model_file))[0] + ".json")
 
 
-def write_outcomes(runs_dir: str, out_dir: str, log=print) -> list[str]:
-    """:func:`user_outcomes` for every leave-one-out record in ``runs_dir`` whose checkpoint exists
-    and has no file in ``out_dir`` yet; each written to a temporary file and renamed. Returns the
-    paths written. A checkpoint that does not reproduce its record is reported and skipped."""
+def write_outcomes(runs_dir: str, out_dir: str, log=print, protocol: str = "leave_one_out") -> list[str]:
+    """:func:`user_outcomes` for every ``protocol`` record (``leave_one_out`` or ``warm_cold``) in
+    ``runs_dir`` whose checkpoint exists and has no file in ``out_dir`` yet; each written to a
+    temporary file and renamed. Returns the paths written. A checkpoint that does not reproduce its
+    record (or cannot give these outcomes) is reported and skipped."""
     from recbole_genrec.atomic import atomic_write_text
     from recbole_genrec.evaluation.records import read_record, record_protocol
 
@@ -147,23 +213,30 @@ def write_outcomes(runs_dir: str, out_dir: str, log=print) -> list[str]:
     def write(target, outcome):
         atomic_write_text(target, json.dumps(outcome))
 
+    if protocol not in ("leave_one_out", "warm_cold"):
+        raise ValueError(f"protocol: leave_one_out or warm_cold, got {protocol!r}")
     for path in sorted(glob.glob(os.path.join(runs_dir, "*.json"))):
-        if record_protocol(path) != "leave_one_out":
-            continue  # their test users are split into groups: not covered
+        if record_protocol(path) != protocol or "-last_epoch-" in os.path.basename(path):
+            continue
         recorded = read_record(path)
-        model_file = (recorded or {}).get("model_file")
+        if recorded is None:
+            continue
+        if protocol == "warm_cold":
+            model_file, target = warm_cold_checkpoint(path), os.path.join(out_dir, os.path.basename(path))
+        else:
+            model_file = recorded.get("model_file")
+            target = outcome_path(out_dir, model_file) if model_file else None
         if not model_file or not os.path.isfile(model_file):
             continue
-        target = outcome_path(out_dir, model_file)
         done = _read(target)
-        if done is not None and _same_result(done.get("test_result"), recorded["test_result"]):
+        if done is not None and _same_result(_result_of(done), _result_of(recorded)):
             continue  # this record's outcomes (or its refusal) are there
         try:
             outcome = user_outcomes(model_file, recorded)
         except ValueError as error:  # not reproduced, or not one row per user: refused, not tried again
             log(f"skipped {os.path.basename(path)}: {error}")
             write(target, {"format": FORMAT, "refused": str(error), "record": os.path.basename(path),
-                           "test_result": dict(recorded["test_result"])})
+                           "test_result": dict(_result_of(recorded))})
             continue
         except Exception as error:  # noqa: BLE001 - one record's failure (device, lock, old code) must not stop the rest
             log(f"skipped {os.path.basename(path)}: {type(error).__name__}: {error}")
@@ -184,6 +257,15 @@ def _read(path: str) -> dict | None:
     return outcome if outcome.get("format") == FORMAT else None
 
 
+def _result_of(result: dict) -> dict:
+    """The test metrics that identify a run's result: its test result, or (warm/cold) those on all
+    targets, whether ``result`` is a run record's result or an outcome file's."""
+    if "groups" in result:
+        part = result["groups"].get("all", {})
+        return part.get("test_result", part.get("metrics", {}))
+    return result.get("test_result") or {}
+
+
 def _same_result(a: dict | None, b: dict | None) -> bool:
     return bool(a) and bool(b) and all(name in a and abs(a[name] - value) <= TOLERANCE for name, value in b.items())
 
@@ -192,38 +274,64 @@ def read_outcomes(out_dir: str, run: dict) -> dict | None:
     """The outcomes :func:`write_outcomes` wrote for ``run`` (a run's result: ``model_file``,
     ``test_result``), or None: none there, refused, or of another run with the same checkpoint name
     (their test results differ)."""
-    if not run.get("model_file"):
-        return None
-    outcome = _read(outcome_path(out_dir, run["model_file"]))
-    if outcome is None or "refused" in outcome or not _same_result(outcome.get("test_result"), run.get("test_result")):
+    if "groups" in run:  # warm/cold: named after the run's record
+        path = (run.get("record") or {}).get("path")
+        outcome = _read(os.path.join(out_dir, os.path.basename(path))) if path else None
+    else:
+        outcome = _read(outcome_path(out_dir, run["model_file"])) if run.get("model_file") else None
+    if outcome is None or "refused" in outcome or not _same_result(_result_of(outcome), _result_of(run)):
         return None
     return outcome
 
 
+def row_keys(outcome: dict) -> list:
+    """Each ranked row's key: the user (leave-one-out), or where the outcome keeps the items
+    (warm/cold: several targets per user) (user, target item, how many earlier rows had that pair:
+    a user may rate an item again; every model's test rows come in the split's order)."""
+    if "items" not in outcome:
+        return list(outcome["users"])
+    seen: dict = {}
+    keys = []
+    for pair in zip(outcome["users"], outcome["items"]):
+        keys.append((*pair, seen.get(pair, 0)))
+        seen[pair] = keys[-1][2] + 1
+    return keys
+
+
 def paired_difference(a: dict, b: dict, metric: str) -> tuple[float, float] | None:
-    """Mean and standard error of ``a``'s minus ``b``'s per-user ``metric`` (the paired standard
-    error ``sd(d) / sqrt(n)``), or None unless both ranked the same set of users (each once) and
-    have the metric, or when the differences have no spread."""
+    """Mean and standard error of ``a``'s minus ``b``'s ``metric`` over the rows both ranked (matched
+    by :func:`row_keys`), or None unless both ranked the same rows (each once) and have the metric,
+    or when the differences have no spread. The standard error is clustered by user: with ``G``
+    users, ``N`` rows and ``S_g`` the sum of user ``g``'s deviations ``d - mean``,
+    ``sqrt(G / (G - 1) * sum_g S_g^2) / N``; with one row per user (leave-one-out) that is the
+    plain paired ``sd(d) / sqrt(N)``."""
     if metric not in a.get("metrics", {}) or metric not in b.get("metrics", {}):
         return None
-    other = dict(zip(b["users"], b["metrics"][metric]))
-    if len(other) != len(b["users"]) or set(a["users"]) != set(other) or len(a["users"]) != len(other):
+    keys, other_keys = row_keys(a), row_keys(b)
+    other = dict(zip(other_keys, b["metrics"][metric]))
+    if len(other) != len(other_keys) or set(keys) != set(other) or len(keys) != len(other):
         return None
-    diffs = [value - other[user] for user, value in zip(a["users"], a["metrics"][metric])]
+    diffs = [value - other[key] for key, value in zip(keys, a["metrics"][metric])]
     n = len(diffs)
-    if n < 2:
+    mean = sum(diffs) / max(n, 1)
+    sums: dict = {}
+    for user, d in zip(a["users"], diffs):
+        sums[user] = sums.get(user, 0.0) + d - mean
+    g = len(sums)
+    if g < 2:
         return None
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    return (mean, sd / math.sqrt(n)) if sd > 0 else None
+    se = math.sqrt(g / (g - 1) * sum(v * v for v in sums.values())) / n
+    return (mean, se) if se > 1e-15 else None
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", help="a folder of run records (<checkpoint_dir>/runs)")
     parser.add_argument("out_dir", help="where the per-user files go (e.g. results/ml-100k/per_user)")
+    parser.add_argument("--protocol", default="leave_one_out", choices=("leave_one_out", "warm_cold"),
+                        help="which records (warm_cold: per test interaction, see above)")
     args = parser.parse_args(argv)
-    write_outcomes(args.runs_dir, args.out_dir)
+    write_outcomes(args.runs_dir, args.out_dir, protocol=args.protocol)
     return 0
 
 

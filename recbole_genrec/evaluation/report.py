@@ -168,8 +168,9 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
     (both rank the same users).
     Otherwise for hit@k, a share of test users: the unpaired ``sqrt(p1 (1-p1) / n + p2 (1-p2) / n)``
     over ``n`` test users (conservative); for recall@k too where it equals hit@k (one target per
-    user, as in leave-one-out). Not for the group tables (their users per group are not recorded: a last
-    line says so, with the number of test users the targets come from). Where
+    user, as in leave-one-out). For the group tables (``group_key``) only the paired one, from
+    per-interaction outcomes (warm/cold: each outcome's ``groups``), clustered by user; without them a
+    last line says there is none, with the number of test users the targets come from. Where
     every such difference is under one standard error the model is called level with the baseline,
     whatever the direction (which is said in brackets): "beats" at +0.2 SE would overstate it. Empty
     without the baseline."""
@@ -177,7 +178,12 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
 
     users = {run.get("model"): run.get("n_test_users") for run in runs}
     base = {s.get(group_key): s for s in summaries if s["model"] == baseline}
-    outcomes = {} if group_key else (outcomes or {})
+    outcomes = outcomes or {}
+
+    def outcome(model, group):
+        found = outcomes.get(model)
+        return (found or {}).get("groups", {}).get(group) if group_key else found
+
     lines, any_paired, any_unpaired, seeds_averaged = [], False, False, False
     for summary in summaries:
         ref = base.get(summary.get(group_key))
@@ -197,10 +203,11 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
             binary = metric == "hit" or (metric == "recall" and all(
                 s["mean"].get(f"hit@{k}") == s["mean"][column] for s in (summary, ref)))
             paired = None
-            if summary["model"] in outcomes and baseline in outcomes:
+            mine, theirs = outcome(summary["model"], summary.get(group_key)), outcome(baseline, summary.get(group_key))
+            if mine is not None and theirs is not None:
                 from recbole_genrec.evaluation.per_user import paired_difference
 
-                paired = paired_difference(outcomes[summary["model"]], outcomes[baseline], column)
+                paired = paired_difference(mine, theirs, column)
             if paired is not None:
                 z_scores.append(paired[0] / paired[1])
                 part += f", {z_scores[-1]:+.1f} paired SE"
@@ -224,15 +231,17 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
         where = f" on {summary[group_key]} {group_key}" if group_key else ""
         lines.append(f"- **{summary['model']}** {verdict} {baseline}{where}{noise}: " + "; ".join(parts) + ".")
     if any_paired:
-        lines.append("- \"paired SE\": the mean of the per-user differences over the test users both models "
-                     "ranked, in standard errors of that mean (the checkpoints re-evaluated, their means equal to "
+        unit = ("the per-target differences over the test targets both models ranked, in standard errors of "
+                "that mean clustered by user (a user's targets are not independent)" if group_key else
+                "the per-user differences over the test users both models ranked, in standard errors of that mean")
+        lines.append(f"- \"paired SE\": the mean of {unit} (the checkpoints re-evaluated, their means equal to "
                      "the records'; `python -m recbole_genrec.evaluation.per_user`"
                      + ("; a model with several seeds: each user's value averaged over its seeds, as the "
                         "table's mean is" if seeds_averaged else "")
                      + "). It compares these trained models on these users: the spread between training seeds "
                      "is not in it"
                      + ("; \"SE\" alone: unpaired, over the test users (conservative)." if any_unpaired else "."))
-    if group_key and lines:  # no SE: say how few independent units the verdicts rest on
+    if group_key and lines and not any_paired:  # no SE: say how few independent units the verdicts rest on
         n_users = users.get(baseline)
         source = f"come from {n_users} test users, several targets each" if n_users else "are not independent"
         lines.append(f"- No standard errors for the {group_key} groups (the records keep no per-group user "
@@ -672,15 +681,30 @@ def seed_averaged(found: list[dict]) -> dict | None:
     """One model's per-user outcomes over its seeds as one (what :func:`versus_baseline` pairs): each
     user's value of every metric averaged over the runs, so that its mean is the table's mean over
     seeds; ``n_seeds`` says how many. None unless every run ranked the same users, each once."""
-    users = found[0]["users"]
-    if any(len(set(o["users"])) != len(o["users"]) or set(o["users"]) != set(users) for o in found):
+    from recbole_genrec.evaluation.per_user import row_keys
+
+    if "groups" in found[0]:  # warm/cold: each group's rows averaged alike
+        groups = {}
+        for group in found[0]["groups"]:
+            parts = [o.get("groups", {}).get(group) for o in found]
+            averaged = None if None in parts else seed_averaged(parts)
+            if averaged is None:
+                return None
+            groups[group] = averaged
+        return {"groups": groups, "n_seeds": len(found)}
+    keys = row_keys(found[0])
+    every = [row_keys(o) for o in found]
+    if any(len(set(k)) != len(k) or set(k) != set(keys) for k in every):
         return None
     metrics = {}
     for name in found[0]["metrics"]:
         if all(name in o["metrics"] for o in found):
-            by_user = [dict(zip(o["users"], o["metrics"][name])) for o in found]
-            metrics[name] = [sum(values[user] for values in by_user) / len(found) for user in users]
-    return {"users": list(users), "metrics": metrics, "n_seeds": len(found)}
+            by_row = [dict(zip(k, o["metrics"][name])) for k, o in zip(every, found)]
+            metrics[name] = [sum(values[key] for values in by_row) / len(found) for key in keys]
+    averaged = {"users": list(found[0]["users"]), "metrics": metrics, "n_seeds": len(found)}
+    if "items" in found[0]:
+        averaged["items"] = list(found[0]["items"])
+    return averaged
 
 
 BEAM_MODELS = ("TIGER", "LETTER", "TTDS")
@@ -748,7 +772,7 @@ def build_report(report_dir: str, title: str, table: str, table_stem: str, summa
     images.append(("Inference time per user", plot_inference_time(
         runs, out("inference_time"), f"{label}: inference time per test user")))
     seeds = list(dict.fromkeys(r.get("seed") for r in runs))
-    outcomes = {} if group_key else run_outcomes(report_dir, runs)
+    outcomes = run_outcomes(report_dir, runs)
     n_runs = collections.Counter(r.get("model") for r in runs)
     # paired where every run of the model in the table (each seed) has its per-user outcomes
     complete = {m: seed_averaged(found) for m, found in outcomes.items() if len(found) == n_runs[m]}
