@@ -380,39 +380,82 @@ WARM_COLD_SPLIT = {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": 
 def test_users_without_training_interactions_get_codes_from_their_history(tmp_path, monkeypatch):
     import recbole_genrec.model.tokenrec as module
 
-    model, train, valid, test = build(tmp_path, eval_args=WARM_COLD_SPLIT)
-    ds = train._dataset
-    counts = torch.bincount(ds.inter_feat[ds.uid_field], minlength=model.n_users)
-    new = (counts == 0) & (torch.arange(model.n_users) > 0)
-    assert torch.equal(model.trained_users, ~new & (torch.arange(model.n_users) > 0)) and new.sum() > 5
-    test_users = test._dataset.inter_feat[model.USER_ID]
-    assert new[test_users].any()  # the warm/cold test period holds such users (with a history)
-    # the user MQ-Tokenizer is fitted on the trained users' LightGCN vectors only
+    graph = {}
+    train_cf, fit = module.train_general_cf_model, module.train_mq_tokenizer
+
+    def spy_cf(*args, **kwargs):
+        out = train_cf(*args, **kwargs)
+        graph["full"] = out[2]
+        return out
+
     fitted = {}
-    fit = module.train_mq_tokenizer
+    monkeypatch.setattr(module, "train_general_cf_model", spy_cf)
     monkeypatch.setattr(module, "train_mq_tokenizer",
                         lambda tok, x, name, **kw: (fitted.__setitem__(name, x.clone()), fit(tok, x, name=name, **kw))[1])
+    model, train, valid, test = build(tmp_path, eval_args=WARM_COLD_SPLIT)
+    model.trained_users.zero_()  # (the sequential split's users: here the same set; the stage must set it)
     model.train_stage("cf", train, valid, CF_STAGE)
+    # trained: an edge in the graph LightGCN propagated over (its own training split)
+    full = graph["full"]
+    degree = torch.bincount(full.inter_feat[full.uid_field], minlength=model.n_users)
+    new = (degree == 0) & (torch.arange(model.n_users) > 0)
+    assert torch.equal(model.trained_users, ~new & (torch.arange(model.n_users) > 0)) and new.sum() > 5
+    assert new[test._dataset.inter_feat[model.USER_ID]].any()  # the warm/cold test period holds such users
+    # the paper's unseen users are picked among users with training interactions only
+    counts = torch.bincount(train._dataset.inter_feat[model.USER_ID], minlength=model.n_users)
+    assert (counts[TokenRec.fewest_interaction_users(train._dataset, 0.1)] > 0).all()
+    # the user MQ-Tokenizer is fitted on the trained users' LightGCN vectors only
     model.train_stage("tokenizer", train, valid, {"epochs": 5, "learning_rate": 5e-3, "batch_size": 64})
     assert torch.equal(fitted["user MQ-Tokenizer"], model.user_emb[model.trained_users])
     tokenize = model.user_tokenizer.tokenize
     average = tokenize(model.user_emb[model.trained_users].mean(0, keepdim=True))[0]
     assert (model.user_codes[new] == average).all()  # stored codes: the trained users' mean vector
     assert torch.equal(model.user_codes[~new][1:], tokenize(model.user_emb[~new][1:]))
-    # in a prompt, a new user's codes tokenize the mean vector of its history items; a trained user keeps its own
-    u_new, u_old = int(new.nonzero()[0]), int((~new).nonzero()[1])
+    # in a prompt, each new user's codes tokenize the mean vector of its own history items; a trained
+    # user keeps its own
+    (u_new, v_new), u_old = new.nonzero().flatten()[:2].tolist(), int((~new).nonzero()[1])
     K, L = model.n_books, model.book_size
-    differ = []
-    for history in ([3, 5, 8], [10, 2]):
-        users = torch.tensor([u_new, u_old])
-        seq = torch.zeros(2, model.max_seq_length, dtype=torch.long)
-        seq[:, :len(history)] = torch.tensor(history)
-        ids, _ = model.prompt_ids(users, seq, torch.tensor([len(history)] * 2))
-        expected_new = tokenize(model.item_emb[history].mean(0, keepdim=True))[0]
-        assert torch.equal(ids[0, :K], model.user_offset + torch.arange(K) * L + expected_new)
-        assert torch.equal(ids[1, :K], model.user_offset + torch.arange(K) * L + model.user_codes[u_old])
-        differ.append(not torch.equal(expected_new, average))
-    assert any(differ)  # the history, not the stored codes, decided
+    offsets = model.user_offset + torch.arange(K) * L
+    histories = ([3, 5, 8], [10, 2], [4, 6, 7, 9])
+    users = torch.tensor([u_new, v_new, u_old])
+    seq = torch.zeros(3, model.max_seq_length, dtype=torch.long)
+    for row, history in enumerate(histories):
+        seq[row, :len(history)] = torch.tensor(history)
+    length = torch.tensor([len(h) for h in histories])
+    expected = [tokenize(model.item_emb[h].mean(0, keepdim=True))[0] for h in histories[:2]]
+    assert any(not torch.equal(e, average) for e in expected)  # the history, not the stored codes, decides
+    ids, _ = model.prompt_ids(users, seq, length)
+    assert torch.equal(ids[0, :K], offsets + expected[0]) and torch.equal(ids[1, :K], offsets + expected[1])
+    assert torch.equal(ids[2, :K], offsets + model.user_codes[u_old])
     model.prompt = "user"  # prompt 1 has no history: the stored codes
     ids, _ = model.prompt_ids(torch.tensor([u_new]))
-    assert torch.equal(ids[0, :K], model.user_offset + torch.arange(K) * L + average)
+    assert torch.equal(ids[0, :K], offsets + average)
+    # a reload keeps the stage's set of trained users; a checkpoint from before it was stored loads
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.trained_users.fill_(True)
+    model.load_state_dict(state)
+    assert torch.equal(model.trained_users, ~new & (torch.arange(model.n_users) > 0))
+    model.load_state_dict({k: v for k, v in state.items() if k != "trained_users"})
+
+
+def test_text_prompts_give_new_users_their_history_codes(tmp_path):
+    path, words, _ = tokenizer_backbone(tmp_path)
+    model, train, _, _ = build(tmp_path, llm_path=str(path), eval_args=WARM_COLD_SPLIT)
+    random_codes(model)
+    model.item_emb.normal_(generator=torch.Generator().manual_seed(1))
+    model.user_tokenizer.eval()
+    new = ~model.trained_users
+    new[0] = False
+    u_new, u_old = int(new.nonzero()[0]), int((~new).nonzero()[1])
+    seq = torch.zeros(2, model.max_seq_length, dtype=torch.long)
+    seq[:, :3] = torch.tensor([3, 5, 8])
+    ids, mask = model.prompt_ids(torch.tensor([u_new, u_old]), seq, torch.tensor([3, 3]))
+    K, user_word = model.n_books, words.index("user_")
+    expected = model.user_tokens(torch.tensor([u_new, u_old]), *model.last_items(seq, torch.tensor([3, 3]), model.max_seq_length))
+    for b in range(2):
+        row = ids[b][mask[b].bool()].tolist()
+        u = row.index(user_word)
+        assert row[u + 1:u + 1 + K] == expected[b].tolist()
+    history_codes = model.user_tokenizer.tokenize(model.item_emb[[3, 5, 8]].mean(0, keepdim=True))[0]
+    assert torch.equal(expected[0] - model.user_offset - torch.arange(K) * model.book_size, history_codes)
+    assert not torch.equal(history_codes, model.user_codes[u_new])  # (so the check above can fail)

@@ -22,13 +22,15 @@ Stages:
   items divided by ``tokenrec_tau``. No autoregressive decoding: ``full_sort_predict`` returns all cosine scores and
   :meth:`retrieve` gives the same top-k through a faiss index.
 
-Users with no training interaction (on the warm/cold split, users who arrive after the training
-period) have no LightGCN vector: their rows are LightGCN's untrained initial vectors. The paper's unseen
-users (Sec. III-C) have training interactions to refresh from (:meth:`refresh_user_embeddings`); these
-have none, so (our choice, the paper is silent) they take no part in fitting the user MQ-Tokenizer, and
-their user codes tokenize the mean LightGCN vector of the history items in their prompt (LightGCN's
-first layer makes a user a normalised sum of its items' vectors; on ml-100k a trained user's vector has
-cosine 0.90 with its items' mean), or of the trained users' mean vector when the prompt has no history.
+Users with no edge in LightGCN's training graph (on the warm/cold split, users who arrive after the
+training period) have no trained vector: their rows are LightGCN's initial ones. For new users the
+paper updates the "vector database" with their interactions (Sec. II-E, III-C; for its unseen users,
+who have training interactions, that is :meth:`refresh_user_embeddings`). These users' only
+interactions are the history items in their prompt, so, as a cheap stand-in for that update (our
+choice), they take no part in fitting the user MQ-Tokenizer and their user codes tokenize the mean
+LightGCN vector of the prompt's history items (LightGCN's propagation makes a user a normalised sum of
+its items' vectors; ``benchmarks/tokenrec_new_users.py`` measures how close that mean is), or the
+trained users' mean vector when the prompt has no history.
 """
 
 from __future__ import annotations
@@ -130,9 +132,9 @@ class TokenRec(GenerativeRecommender):
         self.register_buffer("item_emb", torch.zeros(self.n_items, self.cf_dim))
         # unseen-user protocol (Sec. III-C, see fewest_interaction_users)
         self.register_buffer("unseen_users", self.fewest_interaction_users(dataset, config["unseen_user_ratio"] or 0.0))
-        # users with at least one training interaction (the others: see the module docstring)
-        counts = torch.bincount(dataset.inter_feat[dataset.uid_field], minlength=self.n_users)
-        self.register_buffer("trained_users", (counts > 0) & (torch.arange(self.n_users) > 0))
+        # users with a trained LightGCN vector (the others: see the module docstring); the cf stage sets it
+        # from its graph, this is the fallback for a checkpoint from before it was stored
+        self.register_buffer("trained_users", self.users_in(dataset))
         self.register_buffer("user_codes", torch.zeros(self.n_users, self.n_books, dtype=torch.long))
         self.register_buffer("item_codes", torch.zeros(self.n_items, self.n_books, dtype=torch.long))
 
@@ -152,9 +154,21 @@ class TokenRec(GenerativeRecommender):
             return mask
         counts = torch.bincount(dataset.inter_feat[dataset.uid_field], minlength=dataset.user_num).float()
         counts[0] = float("inf")  # padding user
+        counts[counts == 0] = float("inf")  # users with no training interaction are new users, not these
         n = max(1, int(round(ratio * (dataset.user_num - 1))))
         mask[torch.argsort(counts, stable=True)[:n]] = True
         return mask
+
+    @staticmethod
+    def users_in(dataset) -> torch.Tensor:
+        """``[n_users]`` bool: the users with at least one interaction in ``dataset`` (padding excluded)."""
+        counts = torch.bincount(dataset.inter_feat[dataset.uid_field], minlength=dataset.user_num)
+        return (counts > 0) & (torch.arange(dataset.user_num) > 0)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        if strict and "trained_users" not in state_dict:  # a checkpoint from before it was stored
+            state_dict = {**state_dict, "trained_users": self.trained_users.clone()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ----- stages -------------------------------------------------------------------------
     def train_stage(self, stage, train_data, valid_data, stage_config, show_progress=False):
@@ -171,16 +185,16 @@ class TokenRec(GenerativeRecommender):
         self.assign_codes()
         for p in list(self.item_tokenizer.parameters()) + list(self.user_tokenizer.parameters()):
             p.requires_grad_(False)
-        return {"item": mq_stats(self.item_codes[1:], self.book_size), "user": mq_stats(self.user_codes[1:], self.book_size),
+        return {"item": mq_stats(self.item_codes[1:], self.book_size), "user": mq_stats(self.user_codes[seen], self.book_size),
                 "item_loss": round(item_hist[-1], 4), "user_loss": round(user_hist[-1], 4)}
 
     def _cf_stage(self, stage_config, show_progress):
         if self.config["cf_model_path"]:
             users, items = self.checkpoint_cf_embeddings(self.config["cf_model_path"])
-            source = self.config["cf_model_path"]
+            source, graph = self.config["cf_model_path"], self.train_dataset
         else:
             unseen = self.unseen_users.nonzero().flatten().cpu()
-            cf, _, full_train = train_general_cf_model(
+            cf, _, graph = train_general_cf_model(
                 self.config, self.id_tokens, "LightGCN", epochs=stage_config["epochs"],
                 learning_rate=stage_config["learning_rate"], batch_size=stage_config["batch_size"],
                 overrides={"embedding_size": self.cf_dim, "stopping_step": self.config["cf_stopping_step"],
@@ -190,14 +204,15 @@ class TokenRec(GenerativeRecommender):
                 users, items = cf.forward()
                 if len(unseen):
                     users = users.clone()
-                    users[unseen] = self.refresh_user_embeddings(cf, full_train, unseen)
+                    users[unseen] = self.refresh_user_embeddings(cf, graph, unseen)
             source = "LightGCN trained as stage 'cf'"
         if users.shape != self.user_emb.shape or items.shape != self.item_emb.shape:
             raise ValueError(f"CF embeddings {tuple(users.shape)}/{tuple(items.shape)} do not match the dataset "
                              f"({tuple(self.user_emb.shape)}/{tuple(self.item_emb.shape)}); check cf_hidden_size")
         self.user_emb.copy_(users.detach())
         self.item_emb.copy_(items.detach())
-        return {"source": source, "cf_dim": self.cf_dim}
+        self.trained_users.copy_(self.users_in(graph))  # an edge in the graph LightGCN propagated over
+        return {"source": source, "cf_dim": self.cf_dim, "new_users": int((~self.trained_users[1:]).sum())}
 
     @torch.no_grad()
     def checkpoint_cf_embeddings(self, path):
@@ -267,7 +282,8 @@ class TokenRec(GenerativeRecommender):
 
     def stage_state_dict(self, stage):
         if stage == "cf":
-            return {"user_emb": self.user_emb.clone(), "item_emb": self.item_emb.clone()}
+            return {"user_emb": self.user_emb.clone(), "item_emb": self.item_emb.clone(),
+                    "trained_users": self.trained_users.clone()}
         return {"item_tokenizer": self.item_tokenizer.state_dict(), "user_tokenizer": self.user_tokenizer.state_dict(),
                 "item_codes": self.item_codes.clone(), "user_codes": self.user_codes.clone()}
 
@@ -275,6 +291,8 @@ class TokenRec(GenerativeRecommender):
         if stage == "cf":
             self.user_emb.copy_(state["user_emb"])
             self.item_emb.copy_(state["item_emb"])
+            if "trained_users" in state:  # (a stage file from before it was stored: the fallback stays)
+                self.trained_users.copy_(state["trained_users"])
             return
         self.item_tokenizer.load_state_dict(state["item_tokenizer"])
         self.user_tokenizer.load_state_dict(state["user_tokenizer"])
