@@ -694,7 +694,8 @@ def test_warm_cold_per_target_outcomes_give_user_clustered_paired_standard_error
     text = open(tmp_path / "rep" / "report.md").read()
     line = next(row for row in text.splitlines() if row.startswith("- **TwoLevelLLMRec**") and "on all targets" in row)
     assert line.count("paired SE)") >= 2 and "clustered by user" in text
-    assert "No standard errors for the targets groups" not in text
+    assert "No standard errors for the targets groups" not in text and " targets from " in line
+    assert "No standard errors for LightGCN on all targets" in text  # the unpaired lines keep their caveat
     assert "paired" not in next(row for row in text.splitlines() if row.startswith("- **LightGCN**"))
 
 

@@ -227,6 +227,9 @@ def write_outcomes(runs_dir: str, out_dir: str, log=print, protocol: str = "leav
             model_file = recorded.get("model_file")
             target = outcome_path(out_dir, model_file) if model_file else None
         if not model_file or not os.path.isfile(model_file):
+            if protocol == "warm_cold":  # (a leave-one-out record names its checkpoint; this one is derived)
+                log(f"skipped {os.path.basename(path)}: no checkpoint {model_file} (a run without --resume=True, "
+                    "on another machine, or whose data transform changes its config names it otherwise)")
             continue
         done = _read(target)
         if done is not None and _same_result(_result_of(done), _result_of(recorded)):

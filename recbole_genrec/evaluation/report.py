@@ -184,7 +184,7 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
         found = outcomes.get(model)
         return (found or {}).get("groups", {}).get(group) if group_key else found
 
-    lines, any_paired, any_unpaired, seeds_averaged = [], False, False, False
+    lines, any_paired, any_unpaired, seeds_averaged, without_se = [], False, False, False, []
     for summary in summaries:
         ref = base.get(summary.get(group_key))
         if ref is None or summary["model"] == baseline:
@@ -229,6 +229,11 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
                          "is mixed against": "; ahead on some metrics, behind on others"}.get(verdict, "")
             verdict, noise = "is level with", f" (within one standard error{direction})"
         where = f" on {summary[group_key]} {group_key}" if group_key else ""
+        base_rows = outcome(baseline, summary.get(group_key)) if group_key and z_scores else None
+        if base_rows is not None:  # how many independent units the clustered SE rests on
+            where += f" ({len(base_rows['users'])} targets from {len(set(base_rows['users']))} users)"
+        if not z_scores:
+            without_se.append(f"{summary['model']}{where}")
         lines.append(f"- **{summary['model']}** {verdict} {baseline}{where}{noise}: " + "; ".join(parts) + ".")
     if any_paired:
         unit = ("the per-target differences over the test targets both models ranked, in standard errors of "
@@ -241,12 +246,12 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
                      + "). It compares these trained models on these users: the spread between training seeds "
                      "is not in it"
                      + ("; \"SE\" alone: unpaired, over the test users (conservative)." if any_unpaired else "."))
-    if group_key and lines and not any_paired:  # no SE: say how few independent units the verdicts rest on
+    if group_key and without_se:  # no SE: say how few independent units those verdicts rest on
         n_users = users.get(baseline)
         source = f"come from {n_users} test users, several targets each" if n_users else "are not independent"
-        lines.append(f"- No standard errors for the {group_key} groups (the records keep no per-group user "
-                     f"counts), and their test targets {source}: a \"beats\" or \"trails\" here may be "
-                     "within the noise.")
+        which = "" if not any_paired else f" for {', '.join(without_se)} (no per-target outcomes of both models)"
+        lines.append(f"- No standard errors{which if any_paired else f' for the {group_key} groups'}, and their "
+                     f"test targets {source}: a \"beats\" or \"trails\" there may be within the noise.")
     return lines
 
 
