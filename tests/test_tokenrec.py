@@ -459,3 +459,20 @@ def test_text_prompts_give_new_users_their_history_codes(tmp_path):
     history_codes = model.user_tokenizer.tokenize(model.item_emb[[3, 5, 8]].mean(0, keepdim=True))[0]
     assert torch.equal(expected[0] - model.user_offset - torch.arange(K) * model.book_size, history_codes)
     assert not torch.equal(history_codes, model.user_codes[u_new])  # (so the check above can fail)
+
+
+def test_the_cf_stage_gives_the_same_vectors_whatever_the_thread_count(tmp_path):
+    """A seed fixes the LightGCN stage's vectors bit for bit, also with several threads (the stage
+    runs on one: with two, its sparse sums came out about 1e-8 apart between runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        vectors = []
+        for _ in range(3):
+            model, train, valid, _ = build(tmp_path, cf_hidden_size=64)
+            model.train_stage("cf", train, valid, {**CF_STAGE, "epochs": 3, "learning_rate": 1e-3})
+            vectors.append(torch.cat([model.user_emb, model.item_emb]))
+            assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(vectors[0], v) for v in vectors[1:])

@@ -194,17 +194,24 @@ class TokenRec(GenerativeRecommender):
             source, graph = self.config["cf_model_path"], self.train_dataset
         else:
             unseen = self.unseen_users.nonzero().flatten().cpu()
-            cf, _, graph = train_general_cf_model(
-                self.config, self.id_tokens, "LightGCN", epochs=stage_config["epochs"],
-                learning_rate=stage_config["learning_rate"], batch_size=stage_config["batch_size"],
-                overrides={"embedding_size": self.cf_dim, "stopping_step": self.config["cf_stopping_step"],
-                           **{k: self.config[k] for k in ("valid_metric", "metrics", "topk")}},
-                show_progress=show_progress, exclude_users=unseen)
-            with torch.no_grad():
-                users, items = cf.forward()
-                if len(unseen):
-                    users = users.clone()
-                    users[unseen] = self.refresh_user_embeddings(cf, graph, unseen)
+            # one thread: with more, LightGCN's sparse propagation sums in a varying order (vectors ~1e-8
+            # apart between runs of one seed), which the recommender's training amplifies
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                cf, _, graph = train_general_cf_model(
+                    self.config, self.id_tokens, "LightGCN", epochs=stage_config["epochs"],
+                    learning_rate=stage_config["learning_rate"], batch_size=stage_config["batch_size"],
+                    overrides={"embedding_size": self.cf_dim, "stopping_step": self.config["cf_stopping_step"],
+                               **{k: self.config[k] for k in ("valid_metric", "metrics", "topk")}},
+                    show_progress=show_progress, exclude_users=unseen)
+                with torch.no_grad():
+                    users, items = cf.forward()
+                    if len(unseen):
+                        users = users.clone()
+                        users[unseen] = self.refresh_user_embeddings(cf, graph, unseen)
+            finally:
+                torch.set_num_threads(threads)
             source = "LightGCN trained as stage 'cf'"
         if users.shape != self.user_emb.shape or items.shape != self.item_emb.shape:
             raise ValueError(f"CF embeddings {tuple(users.shape)}/{tuple(items.shape)} do not match the dataset "
