@@ -287,3 +287,22 @@ def test_warm_items_and_subset_loader(tmp_path):
     assert warm[loader._dataset.inter_feat["item_id"]].all()
     # the split is global in time: every training target precedes every test target
     assert train._dataset.inter_feat["timestamp"].max() <= test._dataset.inter_feat["timestamp"].min()
+
+
+def test_a_training_step_has_the_same_gradients_on_two_threads(tmp_path):
+    """A seed fixes SETRec's result on several threads too: the history's item tokens are gathered
+    with index_select (the backward of ``tokens[items]`` summed repeated items in a varying order)."""
+    model, train, _ = build(tmp_path, cf_hidden_size=64, n_sem=4)
+    batch = next(iter(train))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(6):
+            model.zero_grad()
+            torch.manual_seed(0)  # the same dropout masks
+            sum(model.calculate_loss(batch)).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])

@@ -161,7 +161,9 @@ class SETRec(GenerativeRecommender):
         """Flattened history embeddings ``[B, H * Q, d]``, item validity ``[B, H]``, item positions."""
         items, valid = self.last_items(item_seq, item_len, self.history)
         slots = self._slot_mask()
-        emb = tokens[items]
+        # index_select, not tokens[items]: the backward of advanced indexing accumulates repeated items in
+        # a thread-dependent order on CPU (a seed no longer fixed the result on two threads)
+        emb = tokens.index_select(0, items.flatten()).view(*items.shape, *tokens.shape[1:])
         if not bool(slots.all()):
             emb = emb[:, :, slots.to(items.device)]  # [B, H, q, d]: only the dimensions in use
         B, H, q, d = emb.shape
