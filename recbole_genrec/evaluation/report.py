@@ -158,6 +158,9 @@ def _save(fig, path: str) -> str:
     return path
 
 
+LEVEL_WITHIN_SE = 2  # a model is "level with" the baseline when every difference is under this many SE
+
+
 def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | None = None,
                     baseline: str = "SASRec", outcomes: dict | None = None) -> list[str]:
     """One plain sentence per model (and group) saying whether it beats or trails ``baseline`` on
@@ -171,9 +174,9 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
     user, as in leave-one-out). For the group tables (``group_key``) only the paired one, from
     per-interaction outcomes (warm/cold: each outcome's ``groups``), clustered by user; without them a
     last line says there is none, with the number of test users the targets come from. Where
-    every such difference is under one standard error the model is called level with the baseline,
-    whatever the direction (which is said in brackets): "beats" at +0.2 SE would overstate it. Empty
-    without the baseline."""
+    every such difference is under ``LEVEL_WITHIN_SE`` (two) standard errors the model is called level
+    with the baseline, whatever the direction (which is said in brackets): "beats" at +1 SE, a gap
+    that chance alone gives one time in six, would overstate it. Empty without the baseline."""
     from recbole.evaluator.register import smaller_metrics
 
     users = {run.get("model"): run.get("n_test_users") for run in runs}
@@ -224,10 +227,10 @@ def versus_baseline(summaries: list[dict], runs: list[dict], group_key: str | No
         verdict = ("beats" if wins == len(parts) else "trails" if losses == len(parts)
                    else "is level with" if not wins and not losses else "is mixed against")
         noise = ""
-        if z_scores and max(abs(z) for z in z_scores) < 1:
+        if z_scores and max(abs(z) for z in z_scores) < LEVEL_WITHIN_SE:
             direction = {"beats": "; ahead on every metric", "trails": "; behind on every metric",
                          "is mixed against": "; ahead on some metrics, behind on others"}.get(verdict, "")
-            verdict, noise = "is level with", f" (within one standard error{direction})"
+            verdict, noise = "is level with", f" (within {LEVEL_WITHIN_SE} standard errors{direction})"
         where = f" on {summary[group_key]} {group_key}" if group_key else ""
         base_rows = outcome(baseline, summary.get(group_key)) if group_key and z_scores else None
         if base_rows is not None:  # how many independent units the clustered SE rests on
