@@ -404,8 +404,9 @@ def plot_valid_curves(runs: list[dict], path: str, title: str, in_training=()) -
             continue
         drawn = True
         epochs, scores = zip(*run["valid_curve"])
+        so_far = f"{run['epochs']} epoch{'s' * (run['epochs'] != 1)} so far"
         ax.plot(epochs, scores, linestyle="--", color=color, marker="o" if len(epochs) <= 40 else None, markersize=3,
-                label=f"{run['model']} (seed {run['seed']}): in training, {run['epochs']} epochs so far, not a result")
+                label=f"{run['model']} (seed {run['seed']}): in training, {so_far}, not a result")
     if not drawn:
         ax.text(0.5, 0.5, "no validation epochs were recorded", ha="center", va="center", transform=ax.transAxes)
     every_run = list(runs) + list(in_training)
