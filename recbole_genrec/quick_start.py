@@ -122,7 +122,7 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
     (with the validation curve so far of those that are training with ``--resume=True``).
     """
     from recbole_genrec.evaluation.protocols import each_run, model_list, parse_seeds, store, train_and_test
-    from recbole_genrec.evaluation.records import note_missing, require_some
+    from recbole_genrec.evaluation.records import checkpoint_dir, note_missing, require_some
     from recbole_genrec.evaluation.report import build_report, require_matplotlib, write_seed_table
 
     models, seeds = model_list(models), parse_seeds(seeds)
@@ -135,8 +135,9 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
         # RecBole's general models default to a random 8:1:1 split, its sequential ones to
         # leave-one-out: one protocol for all makes the table comparable.
         config_dict["eval_args"] = dict(SHARED_EVAL_ARGS)
-    results, rows, runs, missing, in_training = {}, [], [], [], []
+    results, rows, runs, missing, in_training, folder = {}, [], [], [], [], None
     for label, spec, name, run_config in each_run(models, config_dict, seeds):
+        folder = folder or checkpoint_dir(name, dataset, config_file_list, run_config)  # as the runs resolve it
         result = train_and_test(name, dataset, config_file_list, run_config, saved=saved, label=label,
                                 reuse_runs=reuse_runs, records_only=records_only)
         if result is None:
@@ -146,8 +147,8 @@ def compare(models, dataset, config_file_list=None, config_dict=None, saved=True
         rows.append({"model": spec, "seed": result["seed"], **result["test_result"],
                      "train_time_s": result["train_time_s"], "test_time_s": result["test_time_s"]})
         runs.append({"model": spec, **result})
-    require_some(rows, missing, config_dict, in_training)
-    output_dir = output_dir or report_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
+    require_some(rows, missing, folder, in_training)
+    output_dir = output_dir or report_dir or os.path.join(folder, "compare")
     title, stem = f"{dataset}: test results", f"compare-{dataset}"
     table, summaries = write_seed_table(rows, ("model",), output_dir, stem, title)
     if report_dir:

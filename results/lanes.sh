@@ -147,10 +147,14 @@ case "${1:-}" in
     cd "$ROOT"
     OMP_NUM_THREADS=1 "$PY" run_recbole_genrec.py --compare="$LOO_MODELS" --seeds=2020,2021,2022 --dataset=ml-100k \
       "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --records_only --report=results/ml-100k
-    OMP_NUM_THREADS=1 "$PY" run_recbole_genrec.py --protocol=warm_cold --compare="$WARM_COLD_MODELS" --seeds=2020,2021,2022 --dataset=ml-100k \
-      "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --records_only --report=results/ml-100k-warm_cold
     "$PY" -m recbole_genrec.evaluation.report README.md results/ml-100k/report.md ml-100k
-    "$PY" -m recbole_genrec.evaluation.report README.md results/ml-100k-warm_cold/report.md ml-100k-warm_cold
+    # no warm/cold record at this code yet: the command says so, and the README's section is left as it is
+    if OMP_NUM_THREADS=1 "$PY" run_recbole_genrec.py --protocol=warm_cold --compare="$WARM_COLD_MODELS" --seeds=2020,2021,2022 \
+      --dataset=ml-100k "--config_files=$CONFIGS" --checkpoint_dir="$WORK/saved" --records_only --report=results/ml-100k-warm_cold; then
+      "$PY" -m recbole_genrec.evaluation.report README.md results/ml-100k-warm_cold/report.md ml-100k-warm_cold
+    else
+      echo "warm/cold: no report (above); the README's warm/cold section was not replaced"
+    fi
     reproductions
     echo "look at every PNG under results/ml-100k and results/ml-100k-warm_cold, then update the README's bullets" ;;
   status)  # each lane's run now and the last line of its progress

@@ -119,6 +119,25 @@ def test_warm_cold_report_with_seeds(tmp_path):
     _assert_report_md(str(out), "warm_cold-genrec-tiny", 3)
 
 
+def test_tables_and_the_no_record_error_follow_the_command_lines_checkpoint_dir(tmp_path, monkeypatch):
+    """``--checkpoint_dir=`` on the command line (RecBole's Config reads it there): the compare table
+    goes to its ``compare/`` and ``--records_only`` names its ``runs/``, not ``./saved``'s."""
+    from recbole_genrec.cli import main
+
+    ckpt = tmp_path / "elsewhere"
+    for protocol in ([], ["--protocol=warm_cold"]):
+        argv = ["--compare=SASRec", "--dataset=genrec-tiny", f"--config_files={TINY_YAML}", "--epochs=1",
+                f"--checkpoint_dir={ckpt}", *protocol]
+        monkeypatch.setattr(sys, "argv", ["run_recbole_genrec.py", *argv, "--records_only"])
+        with pytest.raises(ValueError, match=f"no run record in '{ckpt / 'runs'}' for SASRec"):
+            main([*argv, "--records_only"])
+        monkeypatch.setattr(sys, "argv", ["run_recbole_genrec.py", *argv])
+        main(argv)
+    assert (ckpt / "compare" / "compare-genrec-tiny.md").is_file()
+    assert (ckpt / "compare" / "warm_cold-genrec-tiny.md").is_file()
+    assert not (tmp_path / "saved" / "compare").exists()
+
+
 def test_cli_report_one_model_one_seed(tmp_path, monkeypatch):
     from recbole_genrec.cli import main
 

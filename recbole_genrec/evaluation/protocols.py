@@ -12,7 +12,8 @@ import os
 
 from recbole_genrec.evaluation import runs
 from recbole_genrec.evaluation.records import (  # noqa: F401 - read_record, record_path: re-exported
-    find_record, format_missing, log_missing, log_reused, note_missing, read_record, record_path, require_some,
+    checkpoint_dir, find_record, format_missing, log_missing, log_reused, note_missing, read_record, record_path,
+    require_some,
     write_record)
 from recbole_genrec.evaluation.report import build_report, git_commit, require_matplotlib, write_seed_table
 from recbole_genrec.evaluation.runs import (  # noqa: F401 - re-exported: their former home
@@ -188,8 +189,9 @@ def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, save
         require_matplotlib()
     config_dict = {"eval_args": dict(WARM_COLD_EVAL_ARGS), "topk": [5, 10], "metrics": ["Recall", "NDCG"],
                    "valid_metric": "NDCG@10", **dict(config_dict or {})}
-    rows, run_list, results, missing, in_training = [], [], {}, [], []
+    rows, run_list, results, missing, in_training, folder = [], [], {}, [], [], None
     for label, spec, name, run_config in each_run(models, config_dict, seeds):
+        folder = folder or checkpoint_dir(name, dataset, config_file_list, run_config)  # as the runs resolve it
         run = _recorded(runs.warm_cold_once, "warm_cold", name, dataset, config_file_list, run_config, saved, label,
                         reuse_runs, records_only)
         if run is None:
@@ -200,18 +202,19 @@ def run_warm_cold(models, dataset, config_file_list=None, config_dict=None, save
             rows.append({"model": spec, "targets": group, "n": g["n"], "seed": run["seed"], **g["metrics"],
                          "train_time_s": run["train_time_s"]})
         run_list.append({"model": spec, **run})
-    require_some(rows, missing, config_dict, in_training)
-    _write_outputs(rows, run_list, "targets", config_dict, output_dir, report_dir, f"warm_cold-{dataset}",
+    require_some(rows, missing, folder, in_training)
+    _write_outputs(rows, run_list, "targets", folder, output_dir, report_dir, f"warm_cold-{dataset}",
                    f"{dataset}: warm/cold protocol (global time-ordered 8:1:1)", f"{dataset} warm/cold", missing,
                    in_training, per_user_targets=config_dict["eval_args"].get("group_by", "user") != "user")
     return results
 
 
-def _write_outputs(rows, run_list, group_key, config_dict, output_dir, report_dir, stem, title, label, missing=(),
+def _write_outputs(rows, run_list, group_key, folder, output_dir, report_dir, stem, title, label, missing=(),
                    in_training=(), per_user_targets=False):
     """A protocol's per-group table (mean ± std over seeds) and, with ``report_dir``, its report
-    (``per_user_targets``: the split is not grouped by user, see ``history_masking_note``)."""
-    output_dir = output_dir or report_dir or os.path.join(config_dict.get("checkpoint_dir", "saved"), "compare")
+    (``per_user_targets``: the split is not grouped by user, see ``history_masking_note``); by default
+    in ``<folder>/compare`` (``folder``: the runs' checkpoint_dir)."""
+    output_dir = output_dir or report_dir or os.path.join(folder, "compare")
     table, summaries = write_seed_table(rows, ("model", group_key), output_dir, stem, title)
     if report_dir:
         build_report(report_dir, title, table, stem, summaries, run_list, group_key=group_key, label=label,
@@ -243,6 +246,6 @@ def run_unseen_users(dataset, config_file_list=None, config_dict=None, saved=Tru
                          "train_time_s": run["train_time_s"]})
         store(results, "groups", seeds, run["seed"], {group: g["metrics"] for group, g in run["groups"].items()})
         run_list.append({"model": name, **run})
-    _write_outputs(rows, run_list, "users", config_dict, output_dir, report_dir, f"unseen_users-{dataset}",
+    _write_outputs(rows, run_list, "users", config["checkpoint_dir"], output_dir, report_dir, f"unseen_users-{dataset}",
                    f"{dataset}: TokenRec on seen vs unseen users", f"{dataset} TokenRec")
     return results["groups"]

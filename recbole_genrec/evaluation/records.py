@@ -175,11 +175,20 @@ def format_missing(missing) -> str:
     return ", ".join(parts)
 
 
-def require_some(rows: list, missing: list, config_dict: dict, in_training=()) -> None:
+def checkpoint_dir(model, dataset, config_file_list, config_dict) -> str:
+    """The ``checkpoint_dir`` a run of this config writes to, resolved as RecBole's ``Config`` does
+    (config files, ``config_dict``, then the command line's ``--checkpoint_dir=``)."""
+    from recbole_genrec.config import Config
+
+    return Config(model=model, dataset=dataset, config_file_list=config_file_list,
+                  config_dict=dict(config_dict))["checkpoint_dir"]
+
+
+def require_some(rows: list, missing: list, checkpoint_folder: str, in_training=()) -> None:
     """``--records_only`` with no record at all is an error that says where records were looked for
-    (and how far the runs in training have got)."""
+    (``<checkpoint_folder>/runs``) and how far the runs in training have got."""
     if not rows:
-        folder = os.path.join(config_dict.get("checkpoint_dir", "saved"), "runs")
+        folder = os.path.join(checkpoint_folder, "runs")
         training = "".join(f"; {run['model']} (seed {run['seed']}) is training: {progress_line(run)}"
                            for run in in_training)
         raise ValueError(f"records_only: no run record in {folder!r} for {format_missing(missing)} at this config, "
