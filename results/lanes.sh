@@ -11,6 +11,7 @@
 #   bash results/lanes.sh stop      # end the lanes (their queues first, then the runs: each resumes later)
 #   bash results/lanes.sh stop B L  # end lanes B and L only
 #   bash results/lanes.sh status    # what each lane is running, its last progress line
+#   bash results/lanes.sh focus "B A" "stage \[cf\] done"  # lanes other than B and A wait until B's log says so
 #
 # Each lane runs from its own git worktree of the current commit, so editing the checkout does not
 # change the code of a run under way. The lanes share the project's two cores (each run is slower,
@@ -157,6 +158,30 @@ case "${1:-}" in
     fi
     reproductions
     echo "look at every PNG under results/ml-100k and results/ml-100k-warm_cold, then update the README's bullets" ;;
+  focus)
+    # A stage that cannot resume mid-way (a CF model, a tokenizer) starts again from nothing when the
+    # lanes end with the working session: SETRec's CF stage, at a third of a core beside five other
+    # runs, started four times without finishing. So let two lanes have the two cores (each run uses
+    # one thread): pause the runs of the others (nothing is lost: they wait) until the first lane's
+    # newest log has a line matching the pattern, then resume them. In the background; its lines go
+    # to $WORK/logs/focus.log.
+    keep=" $2 " pattern=$3
+    read -r first _ <<< "$2"
+    log=$(ls -t "$WORK"/logs/"$first"-*.log | head -1)
+    others=()
+    for spec in "${LANES[@]}"; do [[ "$keep" == *" ${spec%%|*} "* ]] || others+=("${spec%%|*}"); done
+    (
+      from=$(wc -l < "$log")
+      others_pids() { for other in "${others[@]}"; do lane_pids "$other" "run_recbole_genrec.py|small_catalogue.py"; done; }
+      echo "$(date -Is) lanes ${others[*]} wait until $log says /$pattern/"
+      until tail -n +"$((from + 1))" "$log" | grep -q -- "$pattern"; do
+        others_pids | xargs -r kill -STOP  # again each time: a lane that ended a run starts its next one
+        sleep 30
+      done
+      others_pids | xargs -r kill -CONT
+      echo "$(date -Is) lanes ${others[*]} resumed: $(tail -n +"$((from + 1))" "$log" | grep -- "$pattern" | head -1 | cut -c1-120)"
+    ) >> "$WORK/logs/focus.log" 2>&1 &
+    echo "lanes$keep have the cores; the others resume when $log says /$pattern/ ($WORK/logs/focus.log)" ;;
   status)  # each lane's run now and the last line of its progress
     for spec in "${LANES[@]}"; do
       IFS='|' read -r name extra models <<< "$spec"
@@ -182,13 +207,15 @@ case "${1:-}" in
     # the lanes' shells first: killing only a run would start the next model of its queue
     shift
     if [ $# -eq 0 ]; then
-      pkill -f "results/lanes.sh start" || true
+      pkill -f "results/lanes.sh (start|focus)" || true
       pkill -f "run_recbole_genrec.py|small_catalogue.py" || true
+      pkill -CONT -f "run_recbole_genrec.py|small_catalogue.py" || true  # a paused run ends only once resumed
     else  # stop B L: the lanes whose processes work in $WORK/tree-B, $WORK/tree-L
       for pattern in "results/lanes.sh start" "run_recbole_genrec.py|small_catalogue.py"; do
         for name in "$@"; do
           # shellcheck disable=SC2046
           kill $(lane_pids "$name" "$pattern") 2> /dev/null || true
+          kill -CONT $(lane_pids "$name" "$pattern") 2> /dev/null || true
         done
       done
     fi
