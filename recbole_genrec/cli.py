@@ -58,6 +58,8 @@ def main(argv=None):
     parser.add_argument("--histories", type=str, default=None,
                         help="raw item-id histories of unseen users, oldest first: '1,2,3;4,5' (--recommend)")
     parser.add_argument("--k", type=int, default=10, help="list length (--recommend)")
+    parser.add_argument("--exclude_seen", action="store_true",
+                        help="never recommend an item of the user's history (--recommend)")
     parser.add_argument("--resume", nargs="?", const="True", default=None, metavar="BOOL",
                         help="deterministic checkpoint names; running the same command again continues "
                              "a killed run from its last finished epoch")
@@ -80,7 +82,8 @@ def main(argv=None):
         if not users and not histories:
             parser.error("--recommend needs --users=ID,ID,... and/or --histories='ITEM,ITEM;ITEM,...'")
         try:
-            results = recommend(args.recommend, user_ids=users or None, histories=histories or None, k=args.k)
+            results = recommend(args.recommend, user_ids=users or None, histories=histories or None, k=args.k,
+                                exclude_seen=args.exclude_seen)
         except ValueError as error:
             parser.error(str(error))
         print(format_table(results))

@@ -81,6 +81,11 @@ def test_cli_prints_a_table(seq_model_file, capsys):
     assert [r["user"] for r in results] == ["1", "2", None]
     assert "item_id" in out and "history#0" in out and "title" in out
     assert results[0]["items"][0] in out
+    plain = main([f"--recommend={seq_model_file}", "--histories=3,4,5", "--k=10"])[0]["items"]
+    fresh = main([f"--recommend={seq_model_file}", "--histories=3,4,5", "--k=10", "--exclude_seen"])[0]["items"]
+    assert fresh and not set(fresh) & {"3", "4", "5"}
+    # what is left of the list, in its order (a beam model has no items beyond its beam to fill it)
+    assert fresh[:len([i for i in plain if i not in {"3", "4", "5"}])] == [i for i in plain if i not in {"3", "4", "5"}]
 
 
 def test_general_model_refuses_histories(tmp_path_factory):
