@@ -39,7 +39,7 @@ LANES=(
   "L||LETTER LETTER@warm_cold"
   "T||TTDS"
   "W||TTDS@warm_cold"
-  "S||BERT4Rec SETRec[llm_preset=qwen2-tiny] TokenRec TokenRec[tokenrec_loss=softmax]"
+  "S||BERT4Rec TokenRec TokenRec[tokenrec_loss=softmax] SETRec[llm_preset=qwen2-tiny]"
 )
 
 lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $WORK/tree-NAME
