@@ -45,6 +45,8 @@ LANES=(
 lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $WORK/tree-NAME
   local name=$1 extra=$2; shift 2
   cd "$WORK/tree-$name"
+  # the runs outlive the shell that started them: a hangup when it ends killed a resumed run (rc 129)
+  trap '' HUP
   for model in "$@"; do
     local rc=0
     local log="$WORK/logs/$name-${model//[^A-Za-z0-9_=.-]/_}.log"
