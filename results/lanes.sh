@@ -198,7 +198,7 @@ case "${1:-}" in
         "$WORK/logs/$name.done" 2> /dev/null || true)
       echo "lane $name: ${running:-nothing running}; ended: $ended"
       log=$(ls -t "$WORK"/logs/"$name"-*.log 2> /dev/null | head -1)
-      [ -n "$log" ] && grep -E "progress:|stage \[" "$log" | tail -1 | cut -c1-160 | sed 's/^/  /'
+      [ -n "$log" ] && grep -E "progress:|stage \[" "$log" | tail -1 | cut -c1-160 | sed 's/^/  /' || true
     done
     true ;;
   reproductions)  # each re-run (other code) against its earlier records: results/reproductions.md
