@@ -31,15 +31,15 @@ CONFIGS="properties/ml-100k.yaml properties/converge.yaml"
 # that has its record is reused in seconds (--reuse_runs: its record is kept as it is), so a lane may list
 # what is done already.
 LOO_MODELS="SASRec,BERT4Rec,LightGCN,LightGCN[stopping_step=20],TIGER,LETTER,SETRec,SETRec[llm_preset=qwen2-tiny],TokenRec,TokenRec[tokenrec_loss=softmax],TwoLevelLLMRec,TTDS"
-WARM_COLD_MODELS="SASRec,LightGCN,TwoLevelLLMRec,SETRec,TokenRec,TIGER,LETTER,TTDS"
+WARM_COLD_MODELS="SASRec,BERT4Rec,LightGCN,TwoLevelLLMRec,SETRec,SETRec[llm_preset=qwen2-tiny],TokenRec,TIGER,LETTER,TTDS"
 
 LANES=(
   "A||LightGCN#2020,2021,2022 LightGCN[stopping_step=20]#2020,2021,2022 SASRec TwoLevelLLMRec#2020,2021,2022 LightGCN@warm_cold#2020,2021,2022 SASRec@warm_cold TwoLevelLLMRec@warm_cold TokenRec@warm_cold"
-  "B||TIGER SETRec TIGER@warm_cold SETRec@warm_cold"
+  "B||TIGER SETRec TIGER@warm_cold SETRec@warm_cold SETRec[llm_preset=qwen2-tiny]@warm_cold"
   "L||LETTER LETTER@warm_cold"
   "T||TTDS"
   "W||TTDS@warm_cold"
-  "S||BERT4Rec TokenRec TokenRec[tokenrec_loss=softmax] SETRec[llm_preset=qwen2-tiny]"
+  "S||BERT4Rec TokenRec TokenRec[tokenrec_loss=softmax] SETRec[llm_preset=qwen2-tiny] BERT4Rec@warm_cold"
 )
 
 lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $WORK/tree-NAME

@@ -684,21 +684,23 @@ def test_per_user_outcomes_reproduce_the_record_and_give_paired_standard_errors(
 
 def test_warm_cold_per_target_outcomes_give_user_clustered_paired_standard_errors(tmp_path):
     """Warm/cold: each test interaction's metrics, on all, warm and cold targets, re-evaluated from the
-    best checkpoint (named by the run's fingerprint, as with ``resume``), reproduce the record's group
-    means; the report's group lines then carry a paired standard error clustered by user. A general
-    model (one ranked row per user with all its targets) is refused, by name."""
+    best checkpoint (the one the record names: BERT4Rec's data transform adds keys to its run's config,
+    so the record's name does not give it), reproduce the record's group means; the report's group
+    lines then carry a paired standard error clustered by user. A general model (one ranked row per
+    user with all its targets) is refused, by name."""
     import json
 
     from recbole_genrec.evaluation import per_user, protocols
 
     config = {"checkpoint_dir": str(tmp_path / "saved"), "epochs": 2, "cf_epochs": 2, "resume": True}
-    models = "SASRec,TwoLevelLLMRec,LightGCN"
+    models = "SASRec,TwoLevelLLMRec,LightGCN,BERT4Rec"
     protocols.run_warm_cold(models, "genrec-tiny", [TINY_YAML], config, output_dir=str(tmp_path / "a"))
     runs_dir, out = tmp_path / "saved" / "runs", tmp_path / "rep" / "per_user"
     messages = []
     written = per_user.write_outcomes(str(runs_dir), str(out), log=messages.append, protocol="warm_cold")
     skipped = [m for m in messages if m.startswith("skipped")]
-    assert len(written) == 2 and len(skipped) == 1 and "LightGCN" in skipped[0]
+    assert len(written) == 3 and len(skipped) == 1 and "LightGCN" in skipped[0], messages
+    assert any(os.path.basename(path).startswith("BERT4Rec-") for path in written)
     assert "one target per ranked row" in skipped[0]
     for path in written:
         outcome = json.loads(open(path).read())

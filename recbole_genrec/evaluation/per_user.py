@@ -182,14 +182,19 @@ def _warm_cold_outcomes(trainer, train_data, test_data, evaluate, user_tokens, i
 
 
 def warm_cold_checkpoint(record_file: str) -> str | None:
-    """The best checkpoint of a warm/cold run (its record keeps none): a run with ``resume`` names it
+    """The best checkpoint of a warm/cold run: the one its record names (records from before
+    2026-12-08 name none), else the name a run with ``resume`` gives it,
     ``<model>-<dataset>-<run fingerprint>.pth`` in the checkpoint folder above ``runs/``, the
-    fingerprint its record's name ends with. None when the record is unreadable."""
+    fingerprint its record's name ends with (not the checkpoint's when a data transform, BERT4Rec's
+    masking, added keys to the run's config). None when the record is unreadable."""
     try:
         with open(record_file, encoding="utf-8") as f:
             record = json.load(f)
     except (OSError, ValueError):
         return None
+    named = (record.get("result") or {}).get("model_file")
+    if named:
+        return named
     fingerprint = os.path.splitext(os.path.basename(record_file))[0].rsplit("-", 1)[-1]
     folder = os.path.dirname(os.path.dirname(os.path.abspath(record_file)))
     return os.path.join(folder, f"{record.get('model')}-{record.get('dataset')}-{fingerprint}.pth")

@@ -166,6 +166,14 @@ def _recorded(run_once, protocol, model, dataset, config_file_list, config_dict,
     commit = git_commit()
     config, result = run_once(model, dataset, config_file_list, config_dict, saved=saved, label=label)
     result["eval_mask_history"] = bool(config["eval_mask_history"])
+    if saved and (config["resume"] or config["resume_checkpoint"]) and not result.get("model_file"):
+        # a warm/cold run returns no checkpoint name; a resumable one has the run's deterministic name,
+        # from the run's own config (a data transform, BERT4Rec's masking, adds keys to it)
+        from recbole_genrec.trainer.staged import run_checkpoint_file
+
+        model_file = run_checkpoint_file(config)[0]
+        if os.path.isfile(model_file):
+            result["model_file"] = model_file
     if config["single_spec"] or config["local_rank"] == 0:
         result["record"] = write_record(path, config, result, commit)
     return result
