@@ -12,9 +12,11 @@ history is an unseen user's items, oldest first; it is truncated to its last
 SASRec, TIGER, LETTER, SETRec, TwoLevelLLMRec, TTDS, ...) take histories; a general model
 (LightGCN, ...) scores known users only, and so does TokenRec (a user is its LightGCN embedding).
 
-Scores are the model's ``full_sort_predict``; the padding item 0 is never recommended, and items
-a generative model did not reach (score ``-inf``, e.g. beyond TIGER's ``beam_size``) are left out,
-so a list may hold fewer than ``k`` items.
+Scores are the model's ``full_sort_predict``; the padding item 0 is never recommended. A beam model
+(TIGER, LETTER, TTDS) scores only what its beam reaches: its beam is widened for the call to ``k``
+plus the number of excluded items when its ``beam_size`` is smaller. Items a model did not reach
+(score ``-inf``: outside the protocol's part of the catalogue, or with no valid code path) are left
+out, so a list may still hold fewer than ``k`` items.
 """
 
 from __future__ import annotations
@@ -135,7 +137,18 @@ class Recommender:
     # ----- scoring --------------------------------------------------------------------------
     @torch.no_grad()
     def _top_k(self, interaction, k: int, exclude: list[list[int]] | None):
-        scores = self.model.full_sort_predict(interaction.to(self.device))
+        # a beam model (TIGER, LETTER, TTDS) scores only the items its beam reaches: widen the beam so
+        # that k items are left once the excluded ones are taken out (and for k above its beam size)
+        beam_size = getattr(self.model, "beam_size", None)
+        wanted = k + max((len(set(items)) for items in exclude or []), default=0)
+        if isinstance(beam_size, int) and beam_size < wanted:
+            self.model.beam_size = min(wanted, self.model.n_items - 1)
+            try:
+                scores = self.model.full_sort_predict(interaction.to(self.device))
+            finally:
+                self.model.beam_size = beam_size
+        else:
+            scores = self.model.full_sort_predict(interaction.to(self.device))
         scores = scores.view(len(interaction), -1).clone().float()
         scores[:, 0] = float("-inf")
         if exclude is not None:

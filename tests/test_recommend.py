@@ -82,10 +82,26 @@ def test_cli_prints_a_table(seq_model_file, capsys):
     assert "item_id" in out and "history#0" in out and "title" in out
     assert results[0]["items"][0] in out
     plain = main([f"--recommend={seq_model_file}", "--histories=3,4,5", "--k=10"])[0]["items"]
-    fresh = main([f"--recommend={seq_model_file}", "--histories=3,4,5", "--k=10", "--exclude_seen"])[0]["items"]
-    assert fresh and not set(fresh) & {"3", "4", "5"}
-    # what is left of the list, in its order (a beam model has no items beyond its beam to fill it)
-    assert fresh[:len([i for i in plain if i not in {"3", "4", "5"}])] == [i for i in plain if i not in {"3", "4", "5"}]
+    fresh = main([f"--recommend={seq_model_file}", "--histories=3,4,5", "--k=10", "--exclude_seen"])[0]
+    # ten items still (a beam model's beam is widened by the excluded ones), none of the history's
+    assert len(fresh["items"]) == 10 and not set(fresh["items"]) & {"3", "4", "5"}
+    assert fresh["scores"] == sorted(fresh["scores"], reverse=True)
+    if "TIGER" not in seq_model_file:  # every item scored: what is left of the list, in its order
+        kept = [i for i in plain if i not in {"3", "4", "5"}]
+        assert fresh["items"][:len(kept)] == kept
+
+
+def test_k_beyond_the_beam_widens_it(seq_model_file):
+    """A beam model's list is not cut at its ``beam_size`` (tests/tiny.yaml: 10): the call widens the
+    beam to k, and the model keeps its own beam size afterwards."""
+    rec = Recommender.from_checkpoint(seq_model_file)
+    beam = getattr(rec.model, "beam_size", None)
+    top = rec.recommend(user_ids=["1"], k=25)[0]
+    assert len(top["items"]) == 25 and len(set(top["items"])) == 25
+    assert all(score > float("-inf") for score in top["scores"])
+    assert getattr(rec.model, "beam_size", None) == beam
+    if beam is None:  # a model that scores every item: the longer list extends the shorter one
+        assert top["items"][:10] == rec.recommend(user_ids=["1"], k=10)[0]["items"]
 
 
 def test_general_model_refuses_histories(tmp_path_factory):
