@@ -15,8 +15,9 @@
 #
 # Each lane runs from its own git worktree of the current commit, so editing the checkout does not
 # change the code of a run under way. The lanes share the project's two cores (each run is slower,
-# the work done in a session about the same); TTDS's two runs, the longest, have a lane each, so
-# that no single run is left alone on one core at the end while the other core idles. A run that
+# the work done in a session about the same); the queues are balanced by their estimated CPU time
+# (TTDS's two runs, the longest, start a lane each), so that no single run is left alone on one core
+# at the end while the other core idles. A run that
 # finishes leaves its record in $WORK/saved/runs: copy it to results/<report>/runs/ and make the
 # report (README, "Converged").
 set -euo pipefail
@@ -35,11 +36,11 @@ WARM_COLD_MODELS="SASRec,BERT4Rec,LightGCN,TwoLevelLLMRec,SETRec,SETRec[llm_pres
 
 LANES=(
   "A||LightGCN#2020,2021,2022 LightGCN[stopping_step=20]#2020,2021,2022 SASRec TwoLevelLLMRec#2020,2021,2022 LightGCN@warm_cold#2020,2021,2022 SASRec@warm_cold TwoLevelLLMRec@warm_cold TokenRec@warm_cold"
-  "B||TIGER SETRec TIGER@warm_cold SETRec@warm_cold SETRec[llm_preset=qwen2-tiny]@warm_cold"
+  "B||TIGER SETRec SETRec@warm_cold SETRec[llm_preset=qwen2-tiny]@warm_cold"
   "L||LETTER LETTER@warm_cold"
-  "T||TTDS"
-  "W||TTDS@warm_cold"
-  "S||BERT4Rec TokenRec TokenRec[tokenrec_loss=softmax] SETRec[llm_preset=qwen2-tiny] BERT4Rec@warm_cold"
+  "T||TTDS TIGER@warm_cold"
+  "W||TTDS@warm_cold BERT4Rec@warm_cold"
+  "S||BERT4Rec TokenRec TokenRec[tokenrec_loss=softmax] SETRec[llm_preset=qwen2-tiny]"
 )
 
 lane() {  # lane NAME EXTRA MODEL...: one model after another, in the worktree $WORK/tree-NAME
