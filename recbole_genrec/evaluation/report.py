@@ -461,9 +461,13 @@ def plot_inference_time(runs: list[dict], path: str, title: str) -> str:
         ax.plot(times, [y] * len(times), "o", color=color, markersize=5, markerfacecolor="white", zorder=3)
         ax.annotate(f"{mean:.3g} ms", (max(times), y), xytext=(10, 0), textcoords="offset points", va="center")
     ax.set_xscale("log")
+    decades = 0.0
     if every:
-        ax.set_xlim(min(every) / 3, max(every) * 8)  # at least one decade, room for the labels
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        low, high = min(every) / 3, max(every) * 8  # at least one decade, room for the labels
+        ax.set_xlim(low, high)
+        decades = math.log10(high / low)
+    # 1-2-5 ticks on a narrow axis; over more than 2.5 decades their labels would run into each other
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yticks(range(len(models)), models)
