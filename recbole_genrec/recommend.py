@@ -140,15 +140,15 @@ class Recommender:
         # a beam model (TIGER, LETTER, TTDS) scores only the items its beam reaches: widen the beam so
         # that k items are left once the excluded ones are taken out (and for k above its beam size)
         beam_size = getattr(self.model, "beam_size", None)
-        wanted = k + max((len(set(items)) for items in exclude or []), default=0)
-        if isinstance(beam_size, int) and beam_size < wanted:
-            self.model.beam_size = min(wanted, self.model.n_items - 1)
-            try:
-                scores = self.model.full_sort_predict(interaction.to(self.device))
-            finally:
-                self.model.beam_size = beam_size
-        else:
+        beam_model = isinstance(beam_size, int)
+        if beam_model:
+            wanted = k + max((len(set(items)) for items in exclude or []), default=0)
+            self.model.beam_size = max(beam_size, min(wanted, self.model.n_items - 1))
+        try:
             scores = self.model.full_sort_predict(interaction.to(self.device))
+        finally:
+            if beam_model:
+                self.model.beam_size = beam_size
         scores = scores.view(len(interaction), -1).clone().float()
         scores[:, 0] = float("-inf")
         if exclude is not None:
